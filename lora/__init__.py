@@ -1,0 +1,41 @@
+"""lora: a small pure-PyTorch LoRA library (Hu et al. 2021) and the MNIST experiment's building blocks."""
+from .config import INIT_METHODS, LoRAConfig, LoRAConfigError
+from .layer import LoRALinear, LoRAMergeError
+from .model import (
+    DEFAULT_ADAPTER,
+    adapter_state_dict,
+    base_state_dict,
+    disable_adapter,
+    inject,
+    lora_layers,
+    mark_only_lora_trainable,
+    merge,
+    set_adapter,
+    trainable_parameters,
+    unmerge,
+)
+from .save_load import AdapterLoadError, base_weights_sha256, load_adapter, read_adapter, save_adapter
+
+__all__ = [
+    "DEFAULT_ADAPTER",
+    "INIT_METHODS",
+    "AdapterLoadError",
+    "LoRAConfig",
+    "LoRAConfigError",
+    "LoRALinear",
+    "LoRAMergeError",
+    "adapter_state_dict",
+    "base_state_dict",
+    "base_weights_sha256",
+    "disable_adapter",
+    "inject",
+    "load_adapter",
+    "lora_layers",
+    "mark_only_lora_trainable",
+    "merge",
+    "read_adapter",
+    "save_adapter",
+    "set_adapter",
+    "trainable_parameters",
+    "unmerge",
+]

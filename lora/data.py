@@ -1,0 +1,77 @@
+"""MNIST as four IDX files: their checksums, a strict IDX reader, and normalised in-memory tensors."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .files import file_sha256
+
+# sha256 of the original, uncompressed IDX files.
+MNIST_SHA256 = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+SPLIT_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+# Normalisation constants of the seed notebook (MNIST's pixel mean and std after scaling to [0, 1]).
+MEAN, STD = 0.1307, 0.3081
+
+
+class DataError(ValueError):
+    """A dataset file is missing, damaged or not what it claims; the message names the file."""
+
+
+def read_idx(path: str | os.PathLike) -> torch.Tensor:
+    """Read an unsigned-byte IDX file (magic 0x0000080N) into a uint8 tensor of its declared shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    data = path.read_bytes()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or not 1 <= data[3] <= 4:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex() or 'empty'}, expected 0000080N)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path}: truncated header ({len(data)} bytes, expected at least {header})")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + _product(shape)
+    if len(data) != expected:
+        raise DataError(f"{path}: {len(data)} bytes, but its header {shape} promises {expected}")
+    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(shape)
+
+
+def verify_sha256(path: str | os.PathLike, expected: str) -> None:
+    actual = file_sha256(path)
+    if actual != expected:
+        raise DataError(f"{path}: sha256 {actual} does not match the expected {expected}")
+
+
+def load_split(raw_dir: str | os.PathLike, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) of ``split`` ('train' or 'test'): float32 (N, 784) normalised, int64 (N,)."""
+    if split not in SPLIT_FILES:
+        raise ValueError(f"split={split!r} is invalid: 'train' or 'test' is allowed")
+    image_file, label_file = (Path(raw_dir) / name for name in SPLIT_FILES[split])
+    images, labels = read_idx(image_file), read_idx(label_file)
+    if images.dim() != 3 or labels.dim() != 1:
+        raise DataError(f"{image_file}: expected 3-d images and 1-d labels, got {images.dim()}-d and {labels.dim()}-d")
+    if tuple(images.shape[1:]) != (28, 28):
+        raise DataError(f"{image_file}: images are {tuple(images.shape[1:])}, MNIST's 28x28 are expected")
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(f"{image_file}: {images.shape[0]} images but {labels.shape[0]} labels in {label_file.name}")
+    if labels.numel() and int(labels.max()) > 9:
+        raise DataError(f"{label_file}: label {int(labels.max())} found, labels 0-9 are allowed")
+    flat = images.reshape(images.shape[0], -1).to(torch.float32).div_(255.0)
+    return flat.sub_(MEAN).div_(STD), labels.to(torch.int64)
+
+
+def _product(shape: tuple[int, ...]) -> int:
+    total = 1
+    for dim in shape:
+        total *= dim
+    return total

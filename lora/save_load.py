@@ -1,0 +1,177 @@
+"""Adapter files in PEFT's layout, so ``peft.PeftModel.from_pretrained`` loads them and we load PEFT's.
+
+A directory holds ``adapter_config.json`` (PEFT's LoraConfig fields) and ``adapter_model.safetensors``
+(tensors named ``base_model.model.<module>.lora_A.weight``). Our provenance (exact init, the sha256 of
+the base weights the adapter was trained on, free-form training facts) rides in the safetensors header,
+so it cannot be separated from the tensors. Nothing here unpickles.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import LoRAConfig
+from .files import atomic_dir, tensors_sha256
+from .model import DEFAULT_ADAPTER, adapter_state_dict, base_state_dict, inject, lora_layers
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+METADATA_KEY = "lora_mnist"
+
+
+class AdapterLoadError(ValueError):
+    """An adapter file does not fit the model or is damaged; the message names the file and the problem."""
+
+
+def base_weights_sha256(model: nn.Module) -> str:
+    """Hash of the frozen base model's tensors (LoRA tensors excluded)."""
+    return tensors_sha256(base_state_dict(model))
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str = DEFAULT_ADAPTER,
+    info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write one adapter atomically; returns the provenance stored with it."""
+    config = _adapter_config(model, adapter_name)
+    tensors = {PEFT_PREFIX + k: v.contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"adapter {adapter_name!r} has non-finite values in {bad}; nothing was saved")
+    provenance = {"lora_config": config.to_dict(), "base_weights_sha256": base_weights_sha256(model), **(info or {})}
+    with atomic_dir(directory) as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps(_peft_config(config), indent=2) + "\n")
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={METADATA_KEY: json.dumps(provenance)})
+    return provenance
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and check an adapter directory: (config, tensors keyed ``<module>.lora_A.weight``, provenance)."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise AdapterLoadError(f"{path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterLoadError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict) or raw.get("peft_type", "LORA") != "LORA":
+        raise AdapterLoadError(f"{config_path}: not a LoRA adapter config (peft_type must be LORA)")
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {_strip_prefix(k, weights_path): f.get_tensor(k) for k in f.keys()}
+    except AdapterLoadError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for damaged headers
+        raise AdapterLoadError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+    provenance = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else {}
+    try:
+        config = LoRAConfig(
+            r=raw["r"],
+            alpha=raw["lora_alpha"],
+            dropout=raw.get("lora_dropout", 0.0),
+            use_rslora=raw.get("use_rslora", False),
+            target_modules=_target_list(raw["target_modules"]),
+            init=provenance.get("lora_config", {}).get("init", "kaiming"),
+        )
+    except KeyError as exc:
+        raise AdapterLoadError(f"{config_path}: missing key {exc.args[0]!r}") from None
+    except ValueError as exc:
+        raise AdapterLoadError(f"{config_path}: {exc}") from None
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise AdapterLoadError(f"{weights_path}: non-finite values in {bad}")
+    return config, tensors, provenance
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str = DEFAULT_ADAPTER,
+    allow_base_mismatch: bool = False,
+) -> dict[str, Any]:
+    """Add the adapter in ``directory`` to ``model`` as ``adapter_name`` and make it active.
+
+    Refuses, by name, a different base (unless ``allow_base_mismatch``), missing, extra or misshapen
+    tensors. The model is left unchanged when anything is refused. Returns the stored provenance.
+    """
+    config, tensors, provenance = read_adapter(directory)
+    weights_path = Path(directory) / WEIGHTS_NAME
+    recorded = provenance.get("base_weights_sha256")
+    if recorded and not allow_base_mismatch:
+        actual = base_weights_sha256(model)
+        if actual != recorded:
+            raise AdapterLoadError(
+                f"{weights_path}: trained on base weights sha256 {recorded[:12]}…, this model's are {actual[:12]}…; "
+                "pass allow_base_mismatch=True to load it anyway"
+            )
+    modules = dict(model.named_modules())
+    expected = {}
+    for target in config.target_modules:
+        module = modules.get(target)
+        base = module.base_layer if hasattr(module, "base_layer") else module
+        if not isinstance(base, nn.Linear):
+            raise AdapterLoadError(f"{weights_path}: target module {target!r} is not an nn.Linear of this model")
+        expected[f"{target}.lora_A.weight"] = (config.r, base.in_features)
+        expected[f"{target}.lora_B.weight"] = (base.out_features, config.r)
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise AdapterLoadError(f"{weights_path}: tensors do not match the config: missing {missing}, unexpected {extra}")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise AdapterLoadError(f"{weights_path}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
+    inject(model, config, adapter_name)
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for target in config.target_modules:
+            layers[target].lora_A[adapter_name].weight.copy_(tensors[f"{target}.lora_A.weight"])
+            layers[target].lora_B[adapter_name].weight.copy_(tensors[f"{target}.lora_B.weight"])
+    return provenance
+
+
+def _adapter_config(model: nn.Module, adapter_name: str) -> LoRAConfig:
+    configs = {layer.configs[adapter_name] for layer in lora_layers(model).values() if adapter_name in layer.configs}
+    if not configs:
+        raise KeyError(f"the model has no adapter named {adapter_name!r}")
+    return next(iter(configs))
+
+
+def _peft_config(config: LoRAConfig) -> dict[str, Any]:
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.use_rslora,
+        "target_modules": list(config.target_modules),
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+
+
+def _strip_prefix(key: str, path: Path) -> str:
+    if not key.startswith(PEFT_PREFIX):
+        raise AdapterLoadError(f"{path}: tensor {key!r} lacks the {PEFT_PREFIX!r} prefix of PEFT's layout")
+    return key[len(PEFT_PREFIX):]
+
+
+def _target_list(targets: Any) -> list[str]:
+    # PEFT stores target_modules as a list (order not significant) or a single string.
+    return sorted(targets) if isinstance(targets, list) else [targets]

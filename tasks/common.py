@@ -1,0 +1,179 @@
+"""What every stage shares: output paths, params.yaml loading with validation, and the CLI wrapper."""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from lora import AdapterLoadError, LoRAConfig, LoRAConfigError
+from lora.data import DataError
+from lora.files import load_tensors, save_tensors
+from lora.mlp import OversizedMLP
+from lora.train import DeviceError
+
+PARAMS_FILE = Path("params.yaml")
+RAW_DIR = Path("data/mnist/raw")
+BASE_WEIGHTS = Path("models/base.safetensors")
+ADAPTER_DIR = Path("models/adapter")
+ANALYSIS = Path("metrics/analyze.json")
+FINETUNE_METRICS = Path("metrics/finetune.json")
+EVALUATE_METRICS = Path("metrics/evaluate.json")
+REPORTS = Path("reports")
+DVCLIVE = Path("dvclive")
+
+
+class ParamsError(ValueError):
+    """params.yaml holds an unknown key or a value outside what is allowed."""
+
+
+class IntegrityError(RuntimeError):
+    """The frozen base weights changed, or LoRA-off outputs differ from the base model's."""
+
+
+class WeightsError(ValueError):
+    """A weights file is missing, damaged or does not fit the model that params.yaml describes."""
+
+
+def _int(minimum: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def _positive_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+# section -> key -> (check, what is allowed)
+SCHEMA: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
+    "": {
+        "seed": (_int(0), "an integer >= 0"),
+        "device": (lambda v: isinstance(v, str) and bool(v), "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    },
+    "download": {
+        "source_dir": (lambda v: v is None or (isinstance(v, str) and bool(v)), "null or a directory path"),
+        "sources": (
+            lambda v: isinstance(v, list) and bool(v) and all(s in ("local", "torchvision", "npm") for s in v),
+            "a non-empty list of 'local', 'torchvision', 'npm'",
+        ),
+    },
+    "model": {"hidden_1": (_int(1), "an integer >= 1"), "hidden_2": (_int(1), "an integer >= 1")},
+    "pretrain": {
+        "epochs": (_int(1), "an integer >= 1"),
+        "batch_size": (_int(1), "an integer >= 1"),
+        "lr": (_positive_number, "a number > 0"),
+        "max_steps": (lambda v: v is None or _int(1)(v), "null or an integer >= 1"),
+    },
+    "finetune": {
+        "digit": (lambda v: v == "auto" or (_int(0)(v) and v <= 9), "'auto' or a digit 0-9"),
+        "steps": (_int(1), "an integer >= 1"),
+        "batch_size": (_int(1), "an integer >= 1"),
+        "lr": (_positive_number, "a number > 0"),
+    },
+    "lora": {
+        "rank": (_int(1), "an integer >= 1"),
+        "alpha": (_positive_number, "a number > 0"),
+        "dropout": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)"),
+        "init": (lambda v: v in ("normal", "kaiming", "gaussian"), "'normal', 'kaiming' or 'gaussian'"),
+        "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+        "targets": (
+            lambda v: isinstance(v, list) and bool(v) and all(t in ("linear1", "linear2", "linear3") for t in v),
+            "a non-empty list of 'linear1', 'linear2', 'linear3'",
+        ),
+    },
+}
+
+
+def load_params(path: str | os.PathLike = PARAMS_FILE) -> dict[str, Any]:
+    """Read params.yaml and check every key and value before any work is done."""
+    path = Path(path)
+    try:
+        params = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found; run from the project root") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(params, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections")
+    problems = []
+    for section, keys in SCHEMA.items():
+        values = params if section == "" else params.get(section)
+        if not isinstance(values, dict):
+            problems.append(f"section {section!r} is missing or not a mapping")
+            continue
+        for key, (check, allowed) in keys.items():
+            name = f"{section}.{key}" if section else key
+            if key not in values:
+                problems.append(f"{name} is missing ({allowed} is allowed)")
+            elif not check(values[key]):
+                problems.append(f"{name}={values[key]!r} is invalid: {allowed} is allowed")
+        known = set(keys) | (set(SCHEMA) - {""} if section == "" else set())
+        problems += [f"unknown key {section + '.' if section else ''}{k!r}" for k in values if k not in known]
+    if not problems:
+        problems += _rank_problems(params)
+    if problems:
+        raise ParamsError(f"{path}: " + "; ".join(problems))
+    return params
+
+
+def _rank_problems(params: dict[str, Any]) -> list[str]:
+    model = params["model"]
+    sides = {"linear1": min(784, model["hidden_1"]), "linear2": min(model["hidden_1"], model["hidden_2"]), "linear3": 10}
+    limit = min(sides[t] for t in params["lora"]["targets"])
+    rank = params["lora"]["rank"]
+    return [] if rank <= limit else [f"lora.rank={rank} is invalid: 1..{limit} is allowed (the smallest side of the targets)"]
+
+
+def lora_config(params: dict[str, Any]) -> LoRAConfig:
+    lora = params["lora"]
+    return LoRAConfig(
+        r=lora["rank"],
+        alpha=lora["alpha"],
+        dropout=lora["dropout"],
+        init=lora["init"],
+        use_rslora=lora["use_rslora"],
+        target_modules=tuple(lora["targets"]),
+    )
+
+
+def save_base_model(model: torch.nn.Module, path: Path = BASE_WEIGHTS) -> None:
+    save_tensors(path, model.state_dict())
+
+
+def load_base_model(params: dict[str, Any], device: torch.device, path: Path = BASE_WEIGHTS) -> OversizedMLP:
+    """The pretrained MLP of ``path``, checked against the architecture in params.yaml."""
+    model = OversizedMLP(**params["model"])
+    try:
+        model.load_state_dict(load_tensors(path))
+    except ValueError as exc:
+        raise WeightsError(str(exc)) from None
+    except RuntimeError as exc:  # load_state_dict's report of missing, unexpected or misshapen tensors
+        detail = " ".join(str(exc).split())
+        raise WeightsError(f"{path}: does not fit model {params['model']} ({detail})") from None
+    return model.to(device).eval()
+
+
+def log_losses(name: str, losses: torch.Tensor) -> None:
+    """Per-step training loss as a dvclive curve (dvclive/<name>/plots/metrics/loss.tsv) plus a summary."""
+    from dvclive import Live
+
+    with Live(dir=str(DVCLIVE / name), dvcyaml=None, save_dvc_exp=False, report=None) as live:
+        for step, loss in enumerate(losses.tolist()):
+            live.step = step  # one write per row; next_step() would rewrite the summary every step
+            live.log_metric("loss", round(loss, 6), timestamp=False)
+        live.summary["loss_mean_last_100"] = round(float(losses[-100:].mean()), 6)
+
+
+EXPECTED_ERRORS = (ParamsError, WeightsError, IntegrityError, DataError, DeviceError, AdapterLoadError, LoRAConfigError)
+
+
+def run_cli(stage: Callable[[dict[str, Any]], Any]) -> None:
+    """Run ``stage(params)``; a known failure becomes one line on stderr and exit status 2."""
+    try:
+        stage(load_params())
+    except EXPECTED_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,40 @@
+"""Stage 2, pretrain: the oversized MLP on all 60,000 training images; weights to models/base.safetensors."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from lora.data import load_split
+from lora.mlp import OversizedMLP
+from lora.train import resolve_device, steps_for_epochs, train
+
+from .common import BASE_WEIGHTS, RAW_DIR, log_losses, run_cli, save_base_model
+
+
+def run(params: dict[str, Any]) -> dict[str, Any]:
+    cfg = params["pretrain"]
+    device = resolve_device(params["device"])
+    images, labels = load_split(RAW_DIR, "train")
+    steps = steps_for_epochs(images.shape[0], cfg["batch_size"], cfg["epochs"])
+    if cfg["max_steps"] is not None:
+        steps = min(steps, cfg["max_steps"])
+
+    torch.manual_seed(params["seed"])
+    model = OversizedMLP(**params["model"]).to(device)
+    started = time.perf_counter()
+    losses = train(
+        model, images, labels, steps=steps, batch_size=cfg["batch_size"], lr=cfg["lr"], seed=params["seed"], desc="pretrain"
+    )
+    seconds = time.perf_counter() - started
+
+    save_base_model(model)
+    log_losses("pretrain", losses)
+    print(f"pretrain: {steps} steps on {device} in {seconds:.1f} s ({1e3 * seconds / steps:.2f} ms/step), "
+          f"mean loss of the last 100 steps {losses[-100:].mean():.4f}; weights in {BASE_WEIGHTS}")
+    return {"steps": steps, "seconds": seconds, "losses": losses}
+
+
+if __name__ == "__main__":
+    run_cli(run)
