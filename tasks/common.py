@@ -156,6 +156,11 @@ def load_base_model(params: dict[str, Any], device: torch.device, path: Path = B
     return model.to(device).eval()
 
 
+def per_digit(values: list[int]) -> dict[str, int]:
+    """Keyed by digit so that `dvc metrics diff` shows one row per digit."""
+    return {str(digit): value for digit, value in enumerate(values)}
+
+
 def log_losses(name: str, losses: torch.Tensor) -> None:
     """Per-step training loss as a dvclive curve (dvclive/<name>/plots/metrics/loss.tsv) plus a summary."""
     from dvclive import Live

@@ -1,0 +1,40 @@
+"""Stage 3, analyze: the base model on the 10,000 test images; pick the digit it gets wrong most often."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from lora.data import load_split
+from lora.files import write_json
+from lora.metrics import predict, summarize, worst_digit
+from lora.train import resolve_device
+
+from .common import ANALYSIS, RAW_DIR, load_base_model, per_digit, run_cli
+
+
+def run(params: dict[str, Any]) -> dict[str, Any]:
+    device = resolve_device(params["device"])
+    images, labels = load_split(RAW_DIR, "test")
+    summary = summarize(labels, predict(load_base_model(params, device), images))
+    worst = worst_digit(summary["errors_per_digit"])
+    forced = params["finetune"]["digit"]
+    result = {
+        "accuracy": summary["accuracy"],
+        "errors": summary["errors"],
+        "errors_per_digit": per_digit(summary["errors_per_digit"]),
+        "worst_digit": worst,
+        "target_digit": worst if forced == "auto" else forced,
+    }
+    write_json(ANALYSIS, result)
+    print(f"analyze: base accuracy {result['accuracy']:.4f}; worst digit {worst} "
+          f"({summary['errors_per_digit'][worst]} errors); fine-tuning digit {result['target_digit']}")
+    return result
+
+
+def target_digit() -> int:
+    """The digit chosen by the last analyze run."""
+    return int(json.loads(ANALYSIS.read_text())["target_digit"])
+
+
+if __name__ == "__main__":
+    run_cli(run)

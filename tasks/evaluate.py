@@ -1,0 +1,129 @@
+"""Stage 5, evaluate: the test set with LoRA on and off, per-digit changes, and the integrity check.
+
+The check fails the stage when the base weights' sha256 after fine-tuning differs from the one recorded
+before it (or from the weights file now), or when LoRA-off logits are not bit-identical to the base's.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+import torch
+
+from lora import base_weights_sha256, disable_adapter, load_adapter, read_adapter
+from lora.data import load_split
+from lora.files import atomic_path, write_json, write_text
+from lora.metrics import predict, summarize
+from lora.train import resolve_device
+
+from .common import ADAPTER_DIR, BASE_WEIGHTS, EVALUATE_METRICS, RAW_DIR, REPORTS, IntegrityError, load_base_model, per_digit, run_cli
+
+PER_DIGIT_CSV = REPORTS / "per_digit_errors.csv"
+PREDICTIONS_CSV = REPORTS / "predictions.csv"
+PER_DIGIT_PNG = REPORTS / "per_digit_errors.png"
+
+
+def check_base_unchanged(model: torch.nn.Module, provenance: dict[str, Any]) -> str:
+    """The base weights now, before fine-tuning and after it must hash the same; returns that hash."""
+    now = base_weights_sha256(model)
+    before, after = provenance.get("base_weights_sha256_before"), provenance.get("base_weights_sha256")
+    if not (before == after == now):
+        raise IntegrityError(
+            f"integrity check failed: base weights sha256 before fine-tuning {str(before)[:16]}, "
+            f"after {str(after)[:16]}, in {BASE_WEIGHTS} now {now[:16]}; the frozen weights changed"
+        )
+    return now
+
+
+def run(params: dict[str, Any]) -> dict[str, Any]:
+    device = resolve_device(params["device"])
+    images, labels = load_split(RAW_DIR, "test")
+    model = load_base_model(params, device)
+    base_logits = predict(model, images)
+
+    _, _, provenance = read_adapter(ADAPTER_DIR)
+    base_sha = check_base_unchanged(model, provenance)
+    load_adapter(model, ADAPTER_DIR)
+    on_logits = predict(model, images)
+    with disable_adapter(model):
+        off_logits = predict(model, images)
+    if not torch.equal(off_logits, base_logits):
+        changed = int((off_logits != base_logits).any(dim=1).sum())
+        raise IntegrityError(f"integrity check failed: LoRA-off logits differ from the base model's on {changed} images")
+
+    digit = int(provenance["digit"])
+    base, on, off = (summarize(labels, logits) for logits in (base_logits, on_logits, off_logits))
+    change = [a - b for a, b in zip(on["errors_per_digit"], base["errors_per_digit"])]
+    result = {
+        "digit": digit,
+        "base": _brief(base),
+        "lora_on": _brief(on),
+        "lora_off": _brief(off),
+        "lora_on_change_per_digit": per_digit(change),
+        "digit_errors": {"base": base["errors_per_digit"][digit], "lora_on": on["errors_per_digit"][digit]},
+        "digit_error_reduction": round(1 - on["errors_per_digit"][digit] / max(base["errors_per_digit"][digit], 1), 4),
+        "accuracy_change": round(on["accuracy"] - base["accuracy"], 6),
+        "integrity": {"base_weights_unchanged": True, "lora_off_bit_identical": True, "base_weights_sha256": base_sha},
+    }
+    write_json(EVALUATE_METRICS, result)
+    _write_reports(labels, base_logits, on_logits, base, on, off, digit)
+    print(table(base, on, off, digit))
+    return result
+
+
+def _brief(summary: dict[str, Any]) -> dict[str, Any]:
+    return {"accuracy": summary["accuracy"], "errors": summary["errors"], "errors_per_digit": per_digit(summary["errors_per_digit"])}
+
+
+def table(base: dict[str, Any], on: dict[str, Any], off: dict[str, Any], digit: int) -> str:
+    """Per-digit errors as a Markdown table, the fine-tuned digit marked."""
+    rows = ["| digit | base | LoRA on | LoRA off |", "|---|---:|---:|---:|"]
+    for d in range(10):
+        mark = " (fine-tuned)" if d == digit else ""
+        rows.append(f"| {d}{mark} | {base['errors_per_digit'][d]} | {on['errors_per_digit'][d]} | {off['errors_per_digit'][d]} |")
+    rows.append(f"| **errors** | {base['errors']} | {on['errors']} | {off['errors']} |")
+    rows.append(f"| **accuracy** | {base['accuracy']:.4f} | {on['accuracy']:.4f} | {off['accuracy']:.4f} |")
+    return "\n".join(rows)
+
+
+def _write_reports(labels, base_logits, on_logits, base, on, off, digit) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["digit", "base", "lora_on", "lora_off"])
+    for d in range(10):
+        writer.writerow([d, base["errors_per_digit"][d], on["errors_per_digit"][d], off["errors_per_digit"][d]])
+    write_text(PER_DIGIT_CSV, buffer.getvalue())
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["actual", "base", "lora_on"])
+    writer.writerows(zip(labels.tolist(), base_logits.argmax(1).tolist(), on_logits.argmax(1).tolist()))
+    write_text(PREDICTIONS_CSV, buffer.getvalue())
+
+    _plot_per_digit(base, on, digit)
+
+
+def _plot_per_digit(base: dict[str, Any], on: dict[str, Any], digit: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    digits = range(10)
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    ax.bar([d - 0.2 for d in digits], base["errors_per_digit"], width=0.4, label=f"base / LoRA off (acc {base['accuracy']:.3f})")
+    ax.bar([d + 0.2 for d in digits], on["errors_per_digit"], width=0.4, label=f"LoRA on (acc {on['accuracy']:.3f})")
+    ax.set_xticks(list(digits), [f"{d}*" if d == digit else str(d) for d in digits])
+    ax.set_xlabel("digit (* = fine-tuned on)")
+    ax.set_ylabel("test errors")
+    ax.set_title("Per-digit test errors, LoRA on vs off")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(PER_DIGIT_PNG) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    run_cli(run)

@@ -1,0 +1,58 @@
+"""Stage 4, finetune: LoRA adapters on the frozen base, trained on the chosen digit's images alone."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lora import base_weights_sha256, inject, mark_only_lora_trainable, save_adapter, trainable_parameters
+from lora.data import load_split
+from lora.files import write_json
+from lora.train import resolve_device, train
+
+from .analyze import target_digit
+from .common import ADAPTER_DIR, FINETUNE_METRICS, RAW_DIR, load_base_model, log_losses, lora_config, run_cli
+
+
+def run(params: dict[str, Any]) -> dict[str, Any]:
+    cfg = params["finetune"]
+    device = resolve_device(params["device"])
+    digit = target_digit()
+    images, labels = load_split(RAW_DIR, "train")
+    only_digit = labels == digit
+
+    model = load_base_model(params, device)
+    sha_before = base_weights_sha256(model)
+    torch.manual_seed(params["seed"])  # A's random init
+    inject(model, lora_config(params))
+    mark_only_lora_trainable(model)
+    trainable, total = trainable_parameters(model)
+    losses = train(
+        model, images[only_digit], labels[only_digit],
+        steps=cfg["steps"], batch_size=cfg["batch_size"], lr=cfg["lr"], seed=params["seed"], desc=f"finetune digit {digit}",
+    )
+
+    provenance = save_adapter(
+        model, ADAPTER_DIR, info={"digit": digit, "steps": cfg["steps"], "base_weights_sha256_before": sha_before}
+    )
+    log_losses("finetune", losses)
+    base_total = total - trainable
+    result = {
+        "digit": digit,
+        "train_images": int(only_digit.sum()),
+        "trainable_parameters": trainable,
+        "base_parameters": base_total,
+        "trainable_percent": round(100 * trainable / base_total, 3),
+        "loss_first_10": round(float(losses[:10].mean()), 6),
+        "loss_last_10": round(float(losses[-10:].mean()), 6),
+        "base_weights_sha256_before": sha_before,
+        "base_weights_sha256_after": provenance["base_weights_sha256"],
+    }
+    write_json(FINETUNE_METRICS, result)
+    print(f"finetune: digit {digit}, {trainable:,} trainable parameters ({result['trainable_percent']}% of "
+          f"{base_total:,}), loss {result['loss_first_10']:.4f} -> {result['loss_last_10']:.4f}; adapter in {ADAPTER_DIR}")
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(run)
