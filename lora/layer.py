@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .config import LoRAConfig
+from .config import LoRAConfig, LoRAConfigError
 
 
 class LoRAMergeError(RuntimeError):
@@ -51,7 +51,7 @@ class LoRALinear(nn.Module):
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         if config.r > min(self.in_features, self.out_features):
-            raise ValueError(
+            raise LoRAConfigError(
                 f"lora rank r={config.r} is invalid for a {self.in_features}->{self.out_features} layer: "
                 f"1..{min(self.in_features, self.out_features)} is allowed"
             )

@@ -1,0 +1,92 @@
+"""The IDX reader and the download stage: checksums enforced, bad files refused by name, nothing half-kept."""
+from __future__ import annotations
+
+import gzip
+import shutil
+
+import pytest
+import torch
+
+from lora.data import MEAN, STD, DataError, load_split, read_idx
+from tasks.download import DownloadError, fetch
+from tests.conftest import write_idx, write_synthetic_mnist
+
+
+def test_read_idx_returns_the_declared_shape_and_bytes(tmp_path):
+    array = torch.arange(2 * 28 * 28, dtype=torch.int64).remainder(256).to(torch.uint8).reshape(2, 28, 28)
+    write_idx(tmp_path / "x", array)
+    assert torch.equal(read_idx(tmp_path / "x"), array)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "magic empty"),
+        (b"\x00\x00\x0d\x03" + b"\x00" * 12, "magic 00000d03"),
+        (b"\x00\x00\x08\x03\x00\x00", "truncated header"),
+        (b"\x00\x00\x08\x01\x00\x00\x00\x05abc", r"11 bytes, but its header \(5,\) promises 13"),
+        (b"\x00\x00\x08\x01\x00\x00\x00\x02abcdef", r"14 bytes, but its header \(2,\) promises 10"),
+    ],
+)
+def test_read_idx_refuses_damaged_files_naming_them(tmp_path, content, message):
+    path = tmp_path / "bad-idx"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=f"bad-idx: .*{message}"):
+        read_idx(path)
+
+
+def test_load_split_normalises_like_the_seed_notebook(tmp_path):
+    write_synthetic_mnist(tmp_path, train=20, test=10)
+    images, labels = load_split(tmp_path, "test")
+    raw = read_idx(tmp_path / "t10k-images-idx3-ubyte")
+    assert images.shape == (10, 784) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    torch.testing.assert_close(images[3], (raw[3].flatten().float() / 255 - MEAN) / STD)
+
+
+def test_load_split_refuses_labels_out_of_range_and_count_mismatch(tmp_path):
+    write_synthetic_mnist(tmp_path, train=20, test=10)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", torch.full((10,), 12, dtype=torch.uint8))
+    with pytest.raises(DataError, match="label 12 found"):
+        load_split(tmp_path, "test")
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", torch.zeros(9, dtype=torch.uint8))
+    with pytest.raises(DataError, match="10 images but 9 labels"):
+        load_split(tmp_path, "test")
+
+
+def test_download_copies_from_a_local_directory_and_verifies_checksums(tmp_path):
+    checksums = write_synthetic_mnist(tmp_path / "source")
+    used = fetch(tmp_path / "raw", ["local"], str(tmp_path / "source"), checksums=checksums)
+    assert used == {name: "local" for name in checksums}
+    for name in checksums:
+        assert (tmp_path / "raw" / name).read_bytes() == (tmp_path / "source" / name).read_bytes()
+    assert fetch(tmp_path / "raw", ["local"], None, checksums=checksums) == {n: "already present" for n in checksums}
+
+
+def test_download_reads_gzipped_files_from_the_environment_directory(tmp_path, monkeypatch):
+    checksums = write_synthetic_mnist(tmp_path / "plain")
+    (tmp_path / "gz").mkdir()
+    for name in checksums:
+        with open(tmp_path / "plain" / name, "rb") as src, gzip.open(tmp_path / "gz" / f"{name}.gz", "wb") as out:
+            shutil.copyfileobj(src, out)
+    monkeypatch.setenv("MNIST_SOURCE_DIR", str(tmp_path / "gz"))
+    assert set(fetch(tmp_path / "raw", ["local"], None, checksums=checksums).values()) == {"local"}
+
+
+def test_download_never_keeps_a_file_that_fails_its_checksum(tmp_path):
+    checksums = write_synthetic_mnist(tmp_path / "source")
+    wrong = dict(checksums, **{"t10k-labels-idx1-ubyte": "0" * 64})
+    with pytest.raises(DownloadError, match="t10k-labels-idx1-ubyte.*does not match the expected 0000"):
+        fetch(tmp_path / "raw", ["local"], str(tmp_path / "source"), checksums=wrong)
+    assert not (tmp_path / "raw" / "t10k-labels-idx1-ubyte").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".download")] == []
+
+
+def test_download_with_no_working_source_lists_everything_tried(tmp_path, monkeypatch):
+    monkeypatch.delenv("MNIST_SOURCE_DIR", raising=False)
+    monkeypatch.setattr("tasks.download.from_torchvision", lambda name, target: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(DownloadError) as error:
+        fetch(tmp_path / "raw", ["local", "torchvision"], None)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "local: no directory given" in message and "torchvision: offline" in message
+    assert list((tmp_path / "raw").iterdir()) == []

@@ -1,0 +1,67 @@
+"""`dvc repro` end to end on real MNIST in a temporary git repo, then a LoRA experiment with `dvc exp run -S`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora.data import MNIST_SHA256
+from tests.conftest import ROOT, set_params
+
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    for role in ("AUTHOR", "COMMITTER"):
+        env[f"GIT_{role}_NAME"] = "lora-mnist tests"
+        env[f"GIT_{role}_EMAIL"] = "tests@lora-mnist.invalid"
+    local = ROOT / "data" / "mnist" / "raw"
+    if all((local / name).is_file() for name in MNIST_SHA256):
+        env["MNIST_SOURCE_DIR"] = str(local)  # reuse this checkout's download; a fresh clone uses npm
+    return env
+
+
+def sh(repo: Path, *command: str) -> str:
+    result = subprocess.run(command, cwd=repo, env=_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def test_dvc_repro_on_real_mnist_then_a_rank_experiment_reruns_only_finetune_and_evaluate(repo_copy):
+    repo = repo_copy
+    set_params(repo / "params.yaml", **{"pretrain.max_steps": 400, "finetune.steps": 40})
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "short schedule")
+
+    sh(repo, "dvc", "repro")
+    raw = repo / "data" / "mnist" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == sorted(MNIST_SHA256)
+    result = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    analysis = json.loads((repo / "metrics" / "analyze.json").read_text())
+    assert result["base"]["accuracy"] > 0.85
+    assert result["digit"] == analysis["worst_digit"]
+    assert result["lora_off"] == result["base"]
+    assert result["digit_errors"]["lora_on"] < result["digit_errors"]["base"]
+    assert "Data and pipelines are up to date" in sh(repo, "dvc", "status")
+
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "baseline run")
+    output = sh(repo, "dvc", "exp", "run", "-S", "lora.rank=2", "--name", "rank2")
+    assert "Running stage 'finetune'" in output and "Running stage 'evaluate'" in output
+    assert "Running stage 'pretrain'" not in output and "Running stage 'analyze'" not in output
+    assert "Stage 'pretrain' didn't change, skipping" in output
+
+    params_diff = json.loads(sh(repo, "dvc", "params", "diff", "HEAD", "rank2", "--json"))
+    assert params_diff["params.yaml"]["lora.rank"]["old"] == 1 and params_diff["params.yaml"]["lora.rank"]["new"] == 2
+    metrics_diff = json.loads(sh(repo, "dvc", "metrics", "diff", "HEAD", "rank2", "--json"))
+    trainable = metrics_diff["metrics/finetune.json"]["trainable_parameters"]
+    assert trainable["old"] == 6794 and trainable["new"] == 2 * 6794
+    shown = sh(repo, "dvc", "exp", "show", "--csv")
+    assert "rank2" in shown

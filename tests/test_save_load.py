@@ -1,0 +1,133 @@
+"""Adapter files: round trips, provenance, and refusal (by name) of anything that does not fit."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora import AdapterLoadError, LoRAConfig, base_weights_sha256, inject, load_adapter, lora_layers, save_adapter
+from lora.mlp import OversizedMLP
+from lora.save_load import CONFIG_NAME, WEIGHTS_NAME
+
+
+def trained_model(seed: int = 0, **config) -> OversizedMLP:
+    torch.manual_seed(seed)
+    model = OversizedMLP(hidden_1=40, hidden_2=30)
+    inject(model, LoRAConfig(**config))
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B["default"].weight.normal_(0, 0.1)
+    return model
+
+
+def fresh_base(seed: int = 0) -> OversizedMLP:
+    torch.manual_seed(seed)
+    return OversizedMLP(hidden_1=40, hidden_2=30)
+
+
+def test_save_then_load_gives_equal_logits(tmp_path):
+    model = trained_model(r=2, alpha=3, init="gaussian")
+    x = torch.randn(8, 784)
+    save_adapter(model, tmp_path / "adapter", info={"digit": 9})
+    loaded = fresh_base()
+    provenance = load_adapter(loaded, tmp_path / "adapter")
+    assert torch.equal(loaded(x), model(x))
+    assert provenance["digit"] == 9
+    assert provenance["lora_config"]["init"] == "gaussian"
+    assert provenance["base_weights_sha256"] == base_weights_sha256(loaded)
+
+
+def test_saved_files_hold_only_the_adapter_in_peft_layout(tmp_path):
+    save_adapter(trained_model(), tmp_path / "adapter")
+    tensors = load_file(tmp_path / "adapter" / WEIGHTS_NAME)
+    assert sorted(tensors) == sorted(
+        f"base_model.model.linear{i}.lora_{m}.weight" for i in (1, 2, 3) for m in ("A", "B")
+    )
+    config = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 1 and config["lora_alpha"] == 1
+    assert sorted(config["target_modules"]) == ["linear1", "linear2", "linear3"]
+
+
+def test_loading_onto_a_different_base_is_refused_unless_overridden(tmp_path):
+    save_adapter(trained_model(seed=0), tmp_path / "adapter")
+    other = fresh_base(seed=1)
+    with pytest.raises(AdapterLoadError, match="trained on base weights sha256"):
+        load_adapter(other, tmp_path / "adapter")
+    assert not lora_layers(other), "a refused load must leave the model unchanged"
+    load_adapter(other, tmp_path / "adapter", allow_base_mismatch=True)
+    assert lora_layers(other)
+
+
+def _rewrite(tmp_path, change) -> None:
+    path = tmp_path / "adapter" / WEIGHTS_NAME
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t: t.pop("base_model.model.linear2.lora_B.weight"), r"missing \['linear2.lora_B.weight'\]"),
+        (lambda t: t.update({"base_model.model.linear4.lora_A.weight": torch.zeros(1, 3)}), r"unexpected \['linear4"),
+        (lambda t: t.update({"base_model.model.linear1.lora_A.weight": torch.zeros(2, 784)}), r"linear1.lora_A.weight has shape \(2, 784\)"),
+        (lambda t: t.update({"base_model.model.linear1.lora_B.weight": torch.full((40, 1), float("nan"))}), "non-finite"),
+        (lambda t: t.update({"linear1.lora_A.weight": t.pop("base_model.model.linear1.lora_A.weight")}), "lacks the 'base_model.model.' prefix"),
+    ],
+)
+def test_damaged_adapter_is_refused_by_name(tmp_path, change, message):
+    save_adapter(trained_model(), tmp_path / "adapter")
+    _rewrite(tmp_path, change)
+    model = fresh_base()
+    with pytest.raises(AdapterLoadError, match=message):
+        load_adapter(model, tmp_path / "adapter")
+    assert not lora_layers(model)
+
+
+def test_config_that_disagrees_with_its_tensors_is_refused(tmp_path):
+    save_adapter(trained_model(), tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / CONFIG_NAME
+    config = json.loads(config_path.read_text())
+    config["r"] = 2
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(AdapterLoadError, match="has shape"):
+        load_adapter(fresh_base(), tmp_path / "adapter")
+
+
+def test_a_pickle_is_never_loaded(tmp_path):
+    save_adapter(trained_model(), tmp_path / "adapter")
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (marker.write_text, ("ran",))
+
+    (tmp_path / "adapter" / WEIGHTS_NAME).write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(AdapterLoadError, match="not a readable safetensors file"):
+        load_adapter(fresh_base(), tmp_path / "adapter")
+    assert not marker.exists()
+
+
+def test_saving_non_finite_values_is_refused_and_keeps_the_old_adapter(tmp_path):
+    good = trained_model()
+    save_adapter(good, tmp_path / "adapter")
+    before = (tmp_path / "adapter" / WEIGHTS_NAME).read_bytes()
+    bad = trained_model()
+    with torch.no_grad():
+        bad.linear1.lora_A["default"].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        save_adapter(bad, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / WEIGHTS_NAME).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_missing_adapter_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(AdapterLoadError, match="missing"):
+        load_adapter(fresh_base(), tmp_path / "nowhere")

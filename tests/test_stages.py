@@ -1,0 +1,121 @@
+"""Each stage on a small synthetic MNIST: outputs, the worst-digit choice, and the integrity check."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora.metrics import worst_digit
+from tasks import analyze, evaluate, finetune, pretrain
+from tasks.common import ANALYSIS, BASE_WEIGHTS, IntegrityError, load_params
+from tests.conftest import HARD_DIGIT, ROOT, set_params
+
+
+def run_all(until: str = "evaluate") -> dict:
+    results = {}
+    for stage in (pretrain, analyze, finetune, evaluate):
+        name = stage.__name__.rsplit(".", 1)[1]
+        results[name] = stage.run(load_params())
+        if name == until:
+            break
+    return results
+
+
+def test_worst_digit_takes_the_most_errors_and_ties_go_to_the_lower_digit():
+    assert worst_digit([3, 1, 7, 2, 7, 0, 0, 0, 0, 0]) == 2
+    assert worst_digit([0] * 9 + [1]) == 9
+    assert worst_digit([5] * 10) == 0
+
+
+def test_pretrain_writes_weights_and_a_per_step_loss_curve_deterministically(project):
+    first = pretrain.run(load_params())
+    weights = BASE_WEIGHTS.read_bytes()
+    curve = (project / "dvclive" / "pretrain" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
+    assert curve[0] == "step\tloss" and len(curve) == 1 + first["steps"] == 1 + 60
+    assert first["losses"][-10:].mean() < first["losses"][:10].mean()
+    second = pretrain.run(load_params())
+    assert torch.equal(first["losses"], second["losses"]) and BASE_WEIGHTS.read_bytes() == weights
+
+
+def test_analyze_picks_the_worst_digit_automatically_or_the_forced_one(project):
+    pretrain.run(load_params())
+    result = analyze.run(load_params())
+    errors = [result["errors_per_digit"][str(d)] for d in range(10)]
+    assert result["worst_digit"] == HARD_DIGIT == result["target_digit"]
+    assert errors[HARD_DIGIT] >= 5 and errors[HARD_DIGIT] == max(errors)
+    assert sum(errors) == result["errors"] and 0 <= result["accuracy"] <= 1
+    set_params(project / "params.yaml", **{"finetune.digit": 3})
+    assert analyze.run(load_params())["target_digit"] == 3
+    assert json.loads(ANALYSIS.read_text())["target_digit"] == 3
+
+
+def test_finetune_trains_only_the_adapter_and_records_the_unchanged_base_hash(project):
+    set_params(project / "params.yaml", **{"finetune.digit": 4})
+    results = run_all(until="finetune")
+    result = results["finetune"]
+    assert result["digit"] == 4 and result["train_images"] == 30
+    assert result["trainable_parameters"] == (784 + 64) + (64 + 32) + (32 + 10)
+    assert result["base_weights_sha256_before"] == result["base_weights_sha256_after"]
+    assert sorted(p.name for p in (project / "models" / "adapter").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"
+    ]
+
+
+def test_evaluate_reports_lora_on_and_off_and_off_equals_base(project):
+    result = run_all()["evaluate"]
+    assert result["lora_off"] == result["base"]
+    assert result["integrity"]["base_weights_unchanged"] and result["integrity"]["lora_off_bit_identical"]
+    digit = result["digit"]
+    assert result["digit_errors"]["base"] == result["base"]["errors_per_digit"][str(digit)]
+    csv_rows = (project / "reports" / "per_digit_errors.csv").read_text().splitlines()
+    assert csv_rows[0] == "digit,base,lora_on,lora_off" and len(csv_rows) == 11
+    assert len((project / "reports" / "predictions.csv").read_text().splitlines()) == 1 + 200
+    assert (project / "reports" / "per_digit_errors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _flip_one_bit(path) -> None:
+    tensors = load_file(path)
+    weight = tensors["linear2.weight"]
+    weight.view(torch.int32)[0, 0] ^= 1
+    save_file(tensors, path)
+
+
+def test_integrity_check_fails_evaluate_when_one_base_bit_changed(project):
+    run_all(until="finetune")
+    _flip_one_bit(BASE_WEIGHTS)
+    with pytest.raises(IntegrityError, match="integrity check failed: base weights sha256"):
+        evaluate.run(load_params())
+    assert not (project / "metrics" / "evaluate.json").exists()
+    result = subprocess.run(
+        [sys.executable, "-m", "tasks.evaluate"], cwd=project, capture_output=True, text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "the frozen weights changed" in result.stderr
+
+
+def test_integrity_check_fails_evaluate_when_lora_off_differs_from_base(project, monkeypatch):
+    run_all(until="finetune")
+
+    @contextmanager
+    def adapter_left_on(model):
+        yield model
+
+    monkeypatch.setattr(evaluate, "disable_adapter", adapter_left_on)
+    with pytest.raises(IntegrityError, match="LoRA-off logits differ from the base model's on"):
+        evaluate.run(load_params())
+
+
+def test_an_absent_cuda_device_is_a_clear_error(project):
+    if torch.cuda.is_available():
+        pytest.skip("this check needs a machine without CUDA")
+    set_params(project / "params.yaml", device="cuda")
+    from lora.train import DeviceError
+
+    with pytest.raises(DeviceError, match="device='cuda' was requested but CUDA is not available"):
+        pretrain.run(load_params())
