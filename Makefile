@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup repro test clean
+.PHONY: setup repro test bench-lora clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,9 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest
+
+bench-lora: $(STAMP)
+	$(BIN)/python -m bench.lora_layers
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,8 +1,8 @@
 """LoRALinear: a wrapper around an existing nn.Linear that adds named low-rank adapters.
 
 The wrapped layer is kept as ``base_layer`` and never copied. Its weight is only written by an
-explicit ``merge()``/``unmerge()``; the training path computes ``base(x) + B(A(dropout(x))) * scale``
-and never materialises W + B·A.
+explicit ``merge()``/``unmerge()``; the training path computes ``base(x) + B(A(dropout(x)) * scale)``
+(= base(x) + B(A(x))·scale) and never materialises W + B·A.
 """
 from __future__ import annotations
 
@@ -102,7 +102,8 @@ class LoRALinear(nn.Module):
         name = self.active_adapter
         if self.disabled or self.merged or name is None:
             return out
-        return out + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+        # Scaling the rank-r activations equals scaling B(A(x)) and touches r values per row instead of out.
+        return out + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)) * self.scaling[name])
 
     @torch.no_grad()
     def merge(self, name: str | None = None) -> None:

@@ -131,3 +131,29 @@ def test_saving_non_finite_values_is_refused_and_keeps_the_old_adapter(tmp_path)
 def test_missing_adapter_directory_is_a_clear_error(tmp_path):
     with pytest.raises(AdapterLoadError, match="missing"):
         load_adapter(fresh_base(), tmp_path / "nowhere")
+
+
+def test_adapter_files_load_into_named_slots_and_switch_on_one_base(tmp_path):
+    x = torch.randn(8, 784)
+    expected = {}
+    for digit, seed in (("digit3", 3), ("digit8", 8)):
+        model = fresh_base()
+        inject(model, LoRAConfig(r=2))
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                layer.lora_B["default"].weight.normal_(0, 0.1)
+        save_adapter(model, tmp_path / digit)
+        expected[digit] = model(x)
+
+    shared = fresh_base()
+    base_logits = shared(x)
+    for digit in expected:
+        load_adapter(shared, tmp_path / digit, adapter_name=digit)
+    from lora import disable_adapter, set_adapter
+
+    for digit, logits in expected.items():
+        set_adapter(shared, digit)
+        assert torch.equal(shared(x), logits)
+    with disable_adapter(shared):
+        assert torch.equal(shared(x), base_logits)
