@@ -1,0 +1,167 @@
+"""DVC as the flows see it: run one stage, ask whether it is up to date, apply `-S`-style overrides, save
+an experiment, and move a workspace between machines through a DVC remote."""
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lora.files import write_text
+from tasks.common import PARAMS_FILE, load_params
+
+# Order of dvc.yaml's DAG; the flows run the stages in this order.
+STAGES = ("download", "pretrain", "analyze", "finetune", "evaluate")
+TRAINING_STAGES = ("pretrain", "finetune")
+LOCK_FILE = Path(".dvc/tmp/lora-mnist-flow.lock")
+
+
+class StageFailed(RuntimeError):
+    """A DVC command failed; the message carries the stage's own last error line."""
+
+
+def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the dvc CLI of this environment in the current checkout."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True, env=env)
+    if check and result.returncode != 0:
+        lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error:") or line.startswith("ERROR:")]
+        raise StageFailed(f"dvc {' '.join(args)} failed: {(errors or lines or ['no output'])[0].strip()}")
+    return result
+
+
+def is_up_to_date(stage: str) -> bool:
+    import json
+
+    return json.loads(dvc("status", "--json", stage).stdout or "{}") == {}
+
+
+def reproduce(stage: str) -> str:
+    """`dvc repro --single-item <stage>`: runs the stage and records it in dvc.lock; returns its output."""
+    result = dvc("repro", "--single-item", stage)
+    return result.stdout
+
+
+def apply_overrides(overrides: dict[str, Any]) -> None:
+    """Set dotted keys in params.yaml like `dvc exp run -S key=value`, refusing anything params.yaml forbids."""
+    from dvc.utils.serialize import modify_yaml  # keeps params.yaml's comments and order
+
+    candidate = yaml.safe_load(PARAMS_FILE.read_text())
+    for dotted, value in overrides.items():
+        _set_dotted(candidate, dotted, value)
+    check = PARAMS_FILE.with_name(".params.override.yaml")
+    try:
+        check.write_text(yaml.safe_dump(candidate, sort_keys=False))
+        load_params(check)  # raises ParamsError naming the bad value, before params.yaml is touched
+    finally:
+        check.unlink(missing_ok=True)
+    with modify_yaml(PARAMS_FILE) as data:
+        for dotted, value in overrides.items():
+            _set_dotted(data, dotted, value)
+
+
+def _set_dotted(params: dict[str, Any], dotted: str, value: Any) -> None:
+    section = params
+    *parents, key = dotted.split(".")
+    for parent in parents:
+        if not isinstance(section.get(parent), dict):
+            raise ValueError(f"override {dotted}={value!r}: params.yaml has no section {parent!r}")
+        section = section[parent]
+    if key not in section:
+        raise ValueError(f"override {dotted}={value!r}: params.yaml has no key {dotted!r}")
+    section[key] = value
+
+
+def save_experiment(name: str) -> str:
+    """Record the workspace (params, dvc.lock, metrics) as a DVC experiment, like `dvc exp run` does."""
+    dvc("exp", "save", "--force", "--name", name)
+    return name
+
+
+@contextmanager
+def checkout_lock(timeout_s: float = 3600.0, poll_s: float = 1.0) -> Iterator[None]:
+    """One pipeline run per checkout at a time: a second one waits here instead of corrupting the first."""
+    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+    with open(LOCK_FILE, "w") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another pipeline run held {LOCK_FILE} for over {timeout_s:.0f} s") from None
+                time.sleep(poll_s)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --- moving a workspace between checkouts (training on another machine) --------------------------------
+
+def git_tracked_outputs() -> list[str]:
+    """Paths that DVC does not cache (metrics, plots, dvclive curves): they travel as text, not via the remote."""
+    stages = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
+    paths = []
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                if isinstance(entry, dict):
+                    (path, options), = entry.items()
+                    if options and options.get("cache") is False:
+                        paths.append(path)
+    return paths
+
+
+def snapshot() -> dict[str, str]:
+    """params.yaml, dvc.lock and every git-tracked output, as {path: text} (directories expanded)."""
+    files: dict[str, str] = {}
+    for name in ["params.yaml", "dvc.lock", *git_tracked_outputs()]:
+        path = Path(name)
+        candidates = [p for p in sorted(path.rglob("*")) if p.is_file()] if path.is_dir() else [path]
+        for candidate in candidates:
+            if candidate.is_file() and candidate.suffix != ".png":
+                files[str(candidate)] = candidate.read_text()
+    return files
+
+
+def restore(files: dict[str, str]) -> None:
+    for name, text in files.items():
+        write_text(name, text)
+
+
+def has_default_remote() -> bool:
+    return bool(dvc("remote", "default", check=False).stdout.strip())
+
+
+def _exchange_path(exchange_id: str, name: str) -> tuple[Any, str]:
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        remote = repo.cloud.get_remote()
+    return remote.fs, remote.fs.join(remote.path, "lora-mnist-exchange", exchange_id, name)
+
+
+def send(exchange_id: str, name: str, files: dict[str, str]) -> None:
+    """Put a workspace snapshot beside the DVC remote's objects, where the other checkout can read it."""
+    import json
+
+    fs, path = _exchange_path(exchange_id, name)
+    fs.makedirs(fs.parent(path), exist_ok=True)
+    fs.pipe(path, json.dumps(files).encode())
+
+
+def receive(exchange_id: str, name: str) -> dict[str, str]:
+    import json
+
+    fs, path = _exchange_path(exchange_id, name)
+    return json.loads(fs.cat(path))

@@ -1,0 +1,195 @@
+"""The pipeline flow: download → pretrain → analyze → finetune → evaluate, each a Prefect task that runs
+its DVC stage, so outputs are versioned exactly as by `dvc repro`.
+
+    python -m flows.pipeline                       # temporary local Prefect server, all stages in-process
+    python -m flows.pipeline -S lora.rank=4        # override params like `dvc exp run -S`, saved as an experiment
+
+With a Prefect server configured, the `lora-mnist-train/gpu` deployment and a DVC remote, the training
+stages run on the `gpu` work pool's workers instead (`training="auto"`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Completed
+
+from flows.dvc_stage import (
+    STAGES,
+    TRAINING_STAGES,
+    StageFailed,
+    apply_overrides,
+    checkout_lock,
+    dvc,
+    has_default_remote,
+    is_up_to_date,
+    receive,
+    reproduce,
+    restore,
+    save_experiment,
+    send,
+    snapshot,
+)
+from tasks.common import ADAPTER_DIR, BASE_WEIGHTS, EVALUATE_METRICS, FINETUNE_METRICS
+
+TRAIN_DEPLOYMENT = "lora-mnist-train/gpu"
+
+
+@task(task_run_name="{stage}")
+def dvc_stage(stage: str) -> Any:
+    """Run one DVC stage here; a stage DVC finds up to date is reported as Skipped and not re-run."""
+    logger = get_run_logger()
+    if is_up_to_date(stage):
+        logger.info(f"{stage}: up to date in dvc.lock, skipped")
+        return Completed(name="Skipped", message=f"dvc: {stage} is up to date", data={"stage": stage, "ran": "skipped"})
+    for line in reproduce(stage).splitlines():
+        logger.info(line)
+    return {"stage": stage, "ran": "here"}
+
+
+@task(task_run_name="{stage} on the gpu pool")
+def gpu_pool_stage(stage: str) -> Any:
+    """Hand one training stage to the `gpu` work pool; inputs and outputs travel through the DVC remote."""
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    if is_up_to_date(stage):
+        logger.info(f"{stage}: up to date in dvc.lock, skipped")
+        return Completed(name="Skipped", message=f"dvc: {stage} is up to date", data={"stage": stage, "ran": "skipped"})
+    exchange_id = uuid.uuid4().hex
+    dvc("push")
+    send(exchange_id, "request.json", snapshot())
+    run = run_deployment(TRAIN_DEPLOYMENT, parameters={"stage": stage, "exchange_id": exchange_id})
+    if not run.state.is_completed():
+        raise StageFailed(f"{stage} on the gpu pool ended {run.state.name}: {run.state.message}")
+    restore(receive(exchange_id, "result.json"))
+    dvc("pull", stage)
+    if not is_up_to_date(stage):
+        raise StageFailed(f"{stage} came back from the gpu pool but DVC does not find it up to date here")
+    return {"stage": stage, "ran": f"gpu pool (flow run {run.name})"}
+
+
+def gpu_pool_available() -> bool:
+    """A real server is configured, it knows the training deployment, and a DVC remote can carry files."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url or not has_default_remote():
+        return False
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(TRAIN_DEPLOYMENT)
+        except ObjectNotFound:
+            return False
+    return True
+
+
+def publish_artifacts(stage_runs: list[dict[str, str]]) -> None:
+    evaluation = json.loads(EVALUATE_METRICS.read_text())
+    finetune = json.loads(FINETUNE_METRICS.read_text())
+    digit = evaluation["digit"]
+    create_table_artifact(
+        key="per-digit-errors",
+        table=[
+            {
+                "digit": f"{d} (fine-tuned)" if d == digit else str(d),
+                "base": evaluation["base"]["errors_per_digit"][str(d)],
+                "lora_on": evaluation["lora_on"]["errors_per_digit"][str(d)],
+                "lora_off": evaluation["lora_off"]["errors_per_digit"][str(d)],
+            }
+            for d in range(10)
+        ],
+        description=f"Test errors per digit; accuracy base {evaluation['base']['accuracy']:.4f}, "
+        f"LoRA on {evaluation['lora_on']['accuracy']:.4f}, LoRA off {evaluation['lora_off']['accuracy']:.4f}",
+    )
+    integrity = evaluation["integrity"]
+    verdict = "passed" if integrity["base_weights_unchanged"] and integrity["lora_off_bit_identical"] else "FAILED"
+    create_markdown_artifact(
+        key="lora-run-summary",
+        markdown="\n".join([
+            f"## Integrity check: {verdict}",
+            f"- base weights unchanged by fine-tuning: {integrity['base_weights_unchanged']} "
+            f"(sha256 `{integrity['base_weights_sha256']}`)",
+            f"- LoRA-off logits bit-identical to the base model's: {integrity['lora_off_bit_identical']}",
+            "## Adapter",
+            f"- digit {digit}: errors {evaluation['digit_errors']['base']} → {evaluation['digit_errors']['lora_on']}",
+            f"- trainable parameters: {finetune['trainable_parameters']:,} "
+            f"({finetune['trainable_percent']}% of {finetune['base_parameters']:,})",
+            "## Outputs (versioned by DVC, see dvc.lock)",
+            f"- base weights: `{Path(BASE_WEIGHTS).resolve()}`",
+            f"- adapter: `{Path(ADAPTER_DIR).resolve()}`",
+            "## Stages",
+            *[f"- {run['stage']}: {run['ran']}" for run in stage_runs],
+        ]),
+        description="Integrity verdict, adapter size and where the outputs are",
+    )
+
+
+@flow(name="lora-mnist-pipeline", log_prints=True)
+def pipeline(
+    overrides: dict[str, Any] | None = None,
+    training: str = "auto",
+    experiment_name: str | None = None,
+) -> dict[str, Any]:
+    """Run the five stages in DAG order.
+
+    overrides: dotted params.yaml keys, as `dvc exp run -S` takes them ({"lora.rank": 4}); the run is then
+        saved as a DVC experiment (`dvc exp show` lists it).
+    training: "auto" (gpu pool when available), "local" or "gpu-pool".
+    """
+    if training not in ("auto", "local", "gpu-pool"):
+        raise ValueError(f"training={training!r} is invalid: 'auto', 'local' or 'gpu-pool' is allowed")
+    logger = get_run_logger()
+    with checkout_lock():
+        if overrides:
+            apply_overrides(overrides)
+        on_gpu_pool = training == "gpu-pool" or (training == "auto" and gpu_pool_available())
+        logger.info(f"training stages run {'on the gpu work pool' if on_gpu_pool else 'in this process'}")
+        stage_runs = []
+        for stage in STAGES:
+            if stage in TRAINING_STAGES and on_gpu_pool:
+                runner = gpu_pool_stage
+            elif stage == "download":
+                runner = dvc_stage.with_options(retries=2, retry_delay_seconds=5)  # network sources can hiccup
+            else:
+                runner = dvc_stage
+            # return_state: a "Skipped" state carries its result as data; .result() raises a stage's failure.
+            stage_runs.append(runner(stage, return_state=True).result())
+        publish_artifacts(stage_runs)
+        experiment = save_experiment(experiment_name or f"prefect-{uuid.uuid4().hex[:8]}") if overrides else None
+    evaluation = json.loads(EVALUATE_METRICS.read_text())
+    return {"stages": stage_runs, "experiment": experiment, "metrics": evaluation}
+
+
+def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"error: -S {pair!r} is invalid: key=value is allowed (e.g. -S lora.rank=4)")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run the LoRA-MNIST pipeline as a Prefect flow.")
+    parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--training", choices=["auto", "local", "gpu-pool"], default="auto")
+    parser.add_argument("--name", help="experiment name when params are overridden")
+    args = parser.parse_args()
+    result = pipeline(overrides=_parse_overrides(args.overrides), training=args.training, experiment_name=args.name)
+    for run in result["stages"]:
+        print(f"{run['stage']}: {run['ran']}")
+    if result["experiment"]:
+        print(f"saved as DVC experiment {result['experiment']}")
+
+
+if __name__ == "__main__":
+    main()
