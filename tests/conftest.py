@@ -70,15 +70,56 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def set_params(path: Path, **changes: object) -> None:
-    """Change dotted keys of params.yaml in place: set_params(p, **{"lora.rank": 2})."""
-    params = yaml.safe_load(path.read_text())
-    for dotted, value in changes.items():
-        section = params
-        *parents, key = dotted.split(".")
-        for parent in parents:
-            section = section[parent]
-        section[key] = value
-    path.write_text(yaml.safe_dump(params))
+    """Change dotted keys of params.yaml in place, comments kept: set_params(p, **{"lora.rank": 2})."""
+    from dvc.utils.serialize import modify_yaml
+
+    with modify_yaml(path) as params:
+        for dotted, value in changes.items():
+            section = params
+            *parents, key = dotted.split(".")
+            for parent in parents:
+                section = section[parent]
+            section[key] = value
+
+
+def run_env() -> dict[str, str]:
+    """Environment for commands in test repos: this venv first on PATH, a git identity, local MNIST if any."""
+    import os
+    import sys
+
+    from lora.data import MNIST_SHA256
+
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    for role in ("AUTHOR", "COMMITTER"):
+        env[f"GIT_{role}_NAME"] = "lora-mnist tests"
+        env[f"GIT_{role}_EMAIL"] = "tests@lora-mnist.invalid"
+    local = ROOT / "data" / "mnist" / "raw"
+    if all((local / name).is_file() for name in MNIST_SHA256):
+        env["MNIST_SOURCE_DIR"] = str(local)  # reuse this checkout's download; a fresh clone uses npm
+    return env
+
+
+def sh(cwd: Path, *command: str, env: dict[str, str] | None = None, timeout: float = 900) -> str:
+    """Run a command, fail the test with its output if it fails, return stdout + stderr."""
+    import subprocess
+
+    result = subprocess.run(command, cwd=cwd, env=env or run_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+SHORT_SCHEDULE = {"pretrain.max_steps": 400, "finetune.steps": 40}
+
+
+@pytest.fixture
+def git_repo(repo_copy: Path) -> Path:
+    """The working tree in a fresh git repo with one commit, set to a short training schedule."""
+    set_params(repo_copy / "params.yaml", **SHORT_SCHEDULE)
+    sh(repo_copy, "git", "init", "-q")
+    sh(repo_copy, "git", "add", "-A")
+    sh(repo_copy, "git", "commit", "-qm", "short schedule")
+    return repo_copy
 
 
 @pytest.fixture

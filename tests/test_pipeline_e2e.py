@@ -2,44 +2,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from lora.data import MNIST_SHA256
-from tests.conftest import ROOT, set_params
+from tests.conftest import sh
 
 pytestmark = pytest.mark.slow
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    for role in ("AUTHOR", "COMMITTER"):
-        env[f"GIT_{role}_NAME"] = "lora-mnist tests"
-        env[f"GIT_{role}_EMAIL"] = "tests@lora-mnist.invalid"
-    local = ROOT / "data" / "mnist" / "raw"
-    if all((local / name).is_file() for name in MNIST_SHA256):
-        env["MNIST_SOURCE_DIR"] = str(local)  # reuse this checkout's download; a fresh clone uses npm
-    return env
-
-
-def sh(repo: Path, *command: str) -> str:
-    result = subprocess.run(command, cwd=repo, env=_env(), capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
-
-
-def test_dvc_repro_on_real_mnist_then_a_rank_experiment_reruns_only_finetune_and_evaluate(repo_copy):
-    repo = repo_copy
-    set_params(repo / "params.yaml", **{"pretrain.max_steps": 400, "finetune.steps": 40})
-    sh(repo, "git", "init", "-q")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "short schedule")
-
+def test_dvc_repro_on_real_mnist_then_a_rank_experiment_reruns_only_finetune_and_evaluate(git_repo):
+    repo = git_repo
     sh(repo, "dvc", "repro")
     raw = repo / "data" / "mnist" / "raw"
     assert sorted(p.name for p in raw.iterdir()) == sorted(MNIST_SHA256)
@@ -63,5 +36,4 @@ def test_dvc_repro_on_real_mnist_then_a_rank_experiment_reruns_only_finetune_and
     metrics_diff = json.loads(sh(repo, "dvc", "metrics", "diff", "HEAD", "rank2", "--json"))
     trainable = metrics_diff["metrics/finetune.json"]["trainable_parameters"]
     assert trainable["old"] == 6794 and trainable["new"] == 2 * 6794
-    shown = sh(repo, "dvc", "exp", "show", "--csv")
-    assert "rank2" in shown
+    assert "rank2" in sh(repo, "dvc", "exp", "show", "--csv")

@@ -1,0 +1,103 @@
+"""The Prefect pipeline flow on Prefect's test server: stages run through DVC, artifacts, overrides, locking."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.artifacts import Artifact
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.dvc_stage import STAGES
+from flows.pipeline import pipeline
+from tasks.common import ParamsError
+from tests.conftest import run_env, sh
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture
+def flow_repo(git_repo: Path, prefect_server, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A short-schedule git repo as the working directory of in-process flow runs."""
+    for key, value in run_env().items():
+        if key.startswith("GIT_") or key == "MNIST_SOURCE_DIR":
+            monkeypatch.setenv(key, value)
+    monkeypatch.chdir(git_repo)
+    return git_repo
+
+
+def ran(result: dict) -> dict[str, str]:
+    return {run["stage"]: run["ran"] for run in result["stages"]}
+
+
+def test_pipeline_flow_runs_stages_through_dvc_publishes_artifacts_and_records_overrides_as_experiments(flow_repo):
+    first = pipeline(training="local")
+    assert ran(first) == {stage: "here" for stage in STAGES}
+    assert "Data and pipelines are up to date" in sh(flow_repo, "dvc", "status")
+
+    metrics = json.loads((flow_repo / "metrics" / "evaluate.json").read_text())
+    table = json.loads(Artifact.get("per-digit-errors").data)
+    assert [row["base"] for row in table] == [metrics["base"]["errors_per_digit"][str(d)] for d in range(10)]
+    assert [row["lora_on"] for row in table] == [metrics["lora_on"]["errors_per_digit"][str(d)] for d in range(10)]
+    assert table[metrics["digit"]]["digit"] == f"{metrics['digit']} (fine-tuned)"
+    summary = Artifact.get("lora-run-summary").data
+    assert "## Integrity check: passed" in summary and "trainable parameters: 6,794" in summary
+    assert str((flow_repo / "models" / "adapter").resolve()) in summary
+
+    assert ran(pipeline(training="local")) == {stage: "skipped" for stage in STAGES}
+
+    sh(flow_repo, "git", "add", "-A")
+    sh(flow_repo, "git", "commit", "-qm", "baseline")
+    third = pipeline(overrides={"lora.rank": 2}, training="local", experiment_name="flow-rank2")
+    assert ran(third) == {"download": "skipped", "pretrain": "skipped", "analyze": "skipped", "finetune": "here", "evaluate": "here"}
+    params_text = (flow_repo / "params.yaml").read_text()
+    assert yaml.safe_load(params_text)["lora"]["rank"] == 2
+    assert "# Every key is validated" in params_text, "overrides must keep params.yaml's comments"
+    assert third["experiment"] == "flow-rank2" and "flow-rank2" in sh(flow_repo, "dvc", "exp", "show", "--csv")
+    diff = json.loads(sh(flow_repo, "dvc", "metrics", "diff", "HEAD", "flow-rank2", "--json"))
+    assert diff["metrics/finetune.json"]["trainable_parameters"]["new"] == 2 * 6794
+
+
+def test_a_bad_override_fails_before_any_stage_and_leaves_params_untouched(flow_repo):
+    before = (flow_repo / "params.yaml").read_text()
+    with pytest.raises(ParamsError, match="lora.rank=0 is invalid"):
+        pipeline(overrides={"lora.rank": 0}, training="local")
+    with pytest.raises(ValueError, match="params.yaml has no key 'lora.rnak'"):
+        pipeline(overrides={"lora.rnak": 2}, training="local")
+    assert (flow_repo / "params.yaml").read_text() == before
+    assert not (flow_repo / "models").exists()
+
+
+def test_two_flows_started_at_once_in_one_checkout_run_one_after_the_other(flow_repo):
+    from prefect.settings import get_current_settings
+
+    pipeline(training="local")
+    sh(flow_repo, "git", "add", "-A")
+    sh(flow_repo, "git", "commit", "-qm", "baseline")
+    env = dict(run_env(), PREFECT_API_URL=get_current_settings().api.url)
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "flows.pipeline", "--training", "local", "-S", f"lora.rank={rank}", "--name", f"r{rank}"],
+            cwd=flow_repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in (2, 3)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    assert "Data and pipelines are up to date" in sh(flow_repo, "dvc", "status")
+    rank = yaml.safe_load((flow_repo / "params.yaml").read_text())["lora"]["rank"]
+    finetune = json.loads((flow_repo / "metrics" / "finetune.json").read_text())
+    assert rank in (2, 3) and finetune["trainable_parameters"] == rank * 6794
+    experiments = sh(flow_repo, "dvc", "exp", "show", "--csv")
+    assert "r2" in experiments and "r3" in experiments
+    assert os.path.exists(flow_repo / ".dvc" / "tmp" / "lora-mnist-flow.lock")
