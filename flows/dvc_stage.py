@@ -50,22 +50,35 @@ def reproduce(stage: str) -> str:
     return result.stdout
 
 
-def apply_overrides(overrides: dict[str, Any]) -> None:
-    """Set dotted keys in params.yaml like `dvc exp run -S key=value`, refusing anything params.yaml forbids."""
-    from dvc.utils.serialize import modify_yaml  # keeps params.yaml's comments and order
-
+def validate_overrides(overrides: dict[str, Any]) -> None:
+    """Refuse, before anything runs, an override of an unknown key or to a value params.yaml forbids."""
     candidate = yaml.safe_load(PARAMS_FILE.read_text())
     for dotted, value in overrides.items():
         _set_dotted(candidate, dotted, value)
     check = PARAMS_FILE.with_name(".params.override.yaml")
     try:
         check.write_text(yaml.safe_dump(candidate, sort_keys=False))
-        load_params(check)  # raises ParamsError naming the bad value, before params.yaml is touched
+        load_params(check)  # raises ParamsError naming the bad value
     finally:
         check.unlink(missing_ok=True)
+
+
+def apply_overrides(overrides: dict[str, Any]) -> None:
+    """Set dotted keys in params.yaml like `dvc exp run -S key=value`, after validating them."""
+    from dvc.utils.serialize import modify_yaml  # keeps params.yaml's comments and order
+
+    validate_overrides(overrides)
     with modify_yaml(PARAMS_FILE) as data:
         for dotted, value in overrides.items():
             _set_dotted(data, dotted, value)
+
+
+def set_param_args(overrides: dict[str, Any]) -> list[str]:
+    """The `-S key=value` arguments of `dvc exp run` for ``overrides`` (values as YAML, as DVC parses them)."""
+    args = []
+    for key, value in overrides.items():
+        args += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
+    return args
 
 
 def _set_dotted(params: dict[str, Any], dotted: str, value: Any) -> None:

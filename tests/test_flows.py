@@ -101,3 +101,20 @@ def test_two_flows_started_at_once_in_one_checkout_run_one_after_the_other(flow_
     experiments = sh(flow_repo, "dvc", "exp", "show", "--csv")
     assert "r2" in experiments and "r3" in experiments
     assert os.path.exists(flow_repo / ".dvc" / "tmp" / "lora-mnist-flow.lock")
+
+
+def test_sweep_runs_grid_points_concurrently_as_dvc_experiments(flow_repo):
+    from flows.sweep import sweep
+
+    pipeline(training="local")
+    sh(flow_repo, "git", "add", "-A")
+    sh(flow_repo, "git", "commit", "-qm", "baseline")
+    runs = sweep(grid={"lora.rank": [2, 3]}, prefix="t")
+    assert [run["name"] for run in runs] == ["t-rank2", "t-rank3"]
+    assert max(r["started"] for r in runs) < min(r["finished"] for r in runs), "grid points should overlap in time"
+    table = {row["experiment"]: row for row in json.loads(Artifact.get("sweep-results").data)}
+    assert table["t-rank2"]["trainable parameters"] == 2 * 6794
+    assert table["t-rank3"]["trainable parameters"] == 3 * 6794
+    assert table["t-rank2"]["lora.rank"] == 2
+    with pytest.raises(ParamsError, match="lora.rank=99 is invalid"):
+        sweep(grid={"lora.rank": [2, 99]}, prefix="bad")
