@@ -43,6 +43,8 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     expected = header + _product(shape)
     if len(data) != expected:
         raise DataError(f"{path}: {len(data)} bytes, but its header {shape} promises {expected}")
+    if expected == header:  # a zero-sized dimension: frombuffer refuses empty buffers
+        return torch.empty(shape, dtype=torch.uint8)
     return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(shape)
 
 

@@ -76,7 +76,12 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, to
         raise
     except Exception as exc:  # safetensors raises its own error types for damaged headers
         raise AdapterLoadError(f"{weights_path}: not a readable safetensors file ({exc})") from None
-    provenance = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else {}
+    try:
+        provenance = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else {}
+    except json.JSONDecodeError as exc:
+        raise AdapterLoadError(f"{weights_path}: damaged provenance in its header ({exc})") from None
+    if not isinstance(provenance, dict) or not isinstance(provenance.get("lora_config", {}), dict):
+        raise AdapterLoadError(f"{weights_path}: provenance in its header is not a JSON object")
     try:
         config = LoRAConfig(
             r=raw["r"],
@@ -173,5 +178,9 @@ def _strip_prefix(key: str, path: Path) -> str:
 
 
 def _target_list(targets: Any) -> list[str]:
-    # PEFT stores target_modules as a list (order not significant) or a single string.
-    return sorted(targets) if isinstance(targets, list) else [targets]
+    # PEFT stores target_modules as a list (order not significant) or a single module name.
+    if isinstance(targets, str):
+        return [targets]
+    if isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        return sorted(targets)
+    raise ValueError(f"target_modules={targets!r} is invalid: a list of module names is allowed")
