@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
 from lora.data import MNIST_SHA256
-from tests.conftest import sh
+from tests.conftest import run_env, sh
 
 pytestmark = pytest.mark.slow
 
@@ -37,3 +38,24 @@ def test_dvc_repro_on_real_mnist_then_a_rank_experiment_reruns_only_finetune_and
     trainable = metrics_diff["metrics/finetune.json"]["trainable_parameters"]
     assert trainable["old"] == 6794 and trainable["new"] == 2 * 6794
     assert "rank2" in sh(repo, "dvc", "exp", "show", "--csv")
+
+    # A bad value through `dvc exp run -S` stops at the stage with the same one-line error;
+    # --temp runs it outside the workspace, which stays as it was.
+    before = sh(repo, "git", "status", "--short")
+    failed = subprocess.run(["dvc", "exp", "run", "--temp", "-S", "lora.rank=0"], cwd=repo, env=run_env(),
+                            capture_output=True, text=True)
+    assert failed.returncode != 0
+    assert "error: params.yaml: lora.rank=0 is invalid: an integer >= 1 is allowed" in failed.stdout + failed.stderr
+    assert sh(repo, "git", "status", "--short") == before
+    assert "Data and pipelines are up to date" in sh(repo, "dvc", "status")
+
+    # Two `dvc repro` at once in one checkout: each ends with correct outputs or DVC's clear "busy" error.
+    runs = [subprocess.Popen(["dvc", "repro", "--force", "--single-item", "evaluate"], cwd=repo, env=run_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    expected = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    assert any(run.returncode == 0 for run in runs), outputs
+    for run, output in zip(runs, outputs):
+        assert run.returncode == 0 or "is busy" in output or "Unable to acquire lock" in output, output
+    assert "Data and pipelines are up to date" in sh(repo, "dvc", "status")
+    assert json.loads((repo / "metrics" / "evaluate.json").read_text()) == expected
