@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup repro test bench-lora clean
+.PHONY: setup repro test bench bench-lora clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest
+
+# Benchmarks are run on demand, never as tests: stage times against the seed notebook, then LoRA layers.
+bench: $(STAMP) bench-lora
+	PATH="$(CURDIR)/$(BIN):$$PATH" python -m bench.pipeline
 
 bench-lora: $(STAMP)
 	$(BIN)/python -m bench.lora_layers

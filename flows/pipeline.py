@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.states import Completed
+from prefect.states import Completed, State
 
 from flows.dvc_stage import (
     STAGES,
@@ -41,13 +41,20 @@ from tasks.common import ADAPTER_DIR, BASE_WEIGHTS, EVALUATE_METRICS, FINETUNE_M
 TRAIN_DEPLOYMENT = "lora-mnist-train/gpu"
 
 
+def skipped_if_up_to_date(stage: str) -> State | None:
+    """A `Skipped` state (of type Completed) when DVC finds ``stage`` up to date, else None."""
+    if not is_up_to_date(stage):
+        return None
+    get_run_logger().info(f"{stage}: up to date in dvc.lock, skipped")
+    return Completed(name="Skipped", message=f"dvc: {stage} is up to date", data={"stage": stage, "ran": "skipped"})
+
+
 @task(task_run_name="{stage}")
 def dvc_stage(stage: str) -> Any:
     """Run one DVC stage here; a stage DVC finds up to date is reported as Skipped and not re-run."""
+    if skipped := skipped_if_up_to_date(stage):
+        return skipped
     logger = get_run_logger()
-    if is_up_to_date(stage):
-        logger.info(f"{stage}: up to date in dvc.lock, skipped")
-        return Completed(name="Skipped", message=f"dvc: {stage} is up to date", data={"stage": stage, "ran": "skipped"})
     for line in reproduce(stage).splitlines():
         logger.info(line)
     return {"stage": stage, "ran": "here"}
@@ -58,10 +65,8 @@ def gpu_pool_stage(stage: str) -> Any:
     """Hand one training stage to the `gpu` work pool; inputs and outputs travel through the DVC remote."""
     from prefect.deployments import run_deployment
 
-    logger = get_run_logger()
-    if is_up_to_date(stage):
-        logger.info(f"{stage}: up to date in dvc.lock, skipped")
-        return Completed(name="Skipped", message=f"dvc: {stage} is up to date", data={"stage": stage, "ran": "skipped"})
+    if skipped := skipped_if_up_to_date(stage):
+        return skipped
     exchange_id = uuid.uuid4().hex
     dvc("push")
     send(exchange_id, "request.json", snapshot())

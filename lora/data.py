@@ -54,6 +54,10 @@ def verify_sha256(path: str | os.PathLike, expected: str) -> None:
         raise DataError(f"{path}: sha256 {actual} does not match the expected {expected}")
 
 
+def split_image_file(raw_dir: str | os.PathLike, split: str) -> Path:
+    return Path(raw_dir) / SPLIT_FILES[split][0]
+
+
 def load_split(raw_dir: str | os.PathLike, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(images, labels) of ``split`` ('train' or 'test'): float32 (N, 784) normalised, int64 (N,)."""
     if split not in SPLIT_FILES:

@@ -1,9 +1,9 @@
 """Adapter files in PEFT's layout, so ``peft.PeftModel.from_pretrained`` loads them and we load PEFT's.
 
-A directory holds ``adapter_config.json`` (PEFT's LoraConfig fields) and ``adapter_model.safetensors``
-(tensors named ``base_model.model.<module>.lora_A.weight``). Our provenance (exact init, the sha256 of
-the base weights the adapter was trained on, free-form training facts) rides in the safetensors header,
-so it cannot be separated from the tensors. Nothing here unpickles.
+A directory holds ``adapter_config.json`` (PEFT's LoraConfig fields only, so PEFT loads it without
+warnings), ``adapter_model.safetensors`` (tensors named ``base_model.model.<module>.lora_A.weight``) and
+``adapter_provenance.json`` (our full LoRAConfig with the exact init, the sha256 of the base weights the
+adapter was trained on, and free-form training facts such as the digit). Nothing here unpickles.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from .model import DEFAULT_ADAPTER, adapter_state_dict, base_state_dict, inject,
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-METADATA_KEY = "lora_mnist"
+PROVENANCE_NAME = "adapter_provenance.json"
 
 
 class AdapterLoadError(ValueError):
@@ -51,7 +51,8 @@ def save_adapter(
     provenance = {"lora_config": config.to_dict(), "base_weights_sha256": base_weights_sha256(model), **(info or {})}
     with atomic_dir(directory) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(_peft_config(config), indent=2) + "\n")
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata={METADATA_KEY: json.dumps(provenance)})
+        save_file(tensors, tmp / WEIGHTS_NAME)
+        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
     return provenance
 
 
@@ -64,24 +65,18 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, to
             raise AdapterLoadError(f"{path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
         raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterLoadError(f"{config_path}: not valid JSON ({exc})") from None
     if not isinstance(raw, dict) or raw.get("peft_type", "LORA") != "LORA":
         raise AdapterLoadError(f"{config_path}: not a LoRA adapter config (peft_type must be LORA)")
     try:
         with safe_open(weights_path, framework="pt") as f:
-            metadata = f.metadata() or {}
             tensors = {_strip_prefix(k, weights_path): f.get_tensor(k) for k in f.keys()}
     except AdapterLoadError:
         raise
     except Exception as exc:  # safetensors raises its own error types for damaged headers
         raise AdapterLoadError(f"{weights_path}: not a readable safetensors file ({exc})") from None
-    try:
-        provenance = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else {}
-    except json.JSONDecodeError as exc:
-        raise AdapterLoadError(f"{weights_path}: damaged provenance in its header ({exc})") from None
-    if not isinstance(provenance, dict) or not isinstance(provenance.get("lora_config", {}), dict):
-        raise AdapterLoadError(f"{weights_path}: provenance in its header is not a JSON object")
+    provenance = _read_provenance(directory / PROVENANCE_NAME)
     try:
         config = LoRAConfig(
             r=raw["r"],
@@ -95,6 +90,13 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, to
         raise AdapterLoadError(f"{config_path}: missing key {exc.args[0]!r}") from None
     except ValueError as exc:
         raise AdapterLoadError(f"{config_path}: {exc}") from None
+    recorded = provenance.get("lora_config")
+    if recorded is not None:
+        mismatched = sorted(k for k in ("r", "alpha", "use_rslora") if recorded.get(k) != getattr(config, k))
+        if sorted(recorded.get("target_modules") or []) != sorted(config.target_modules):
+            mismatched.append("target_modules")
+        if mismatched:
+            raise AdapterLoadError(f"{directory / PROVENANCE_NAME}: disagrees with {CONFIG_NAME} on {mismatched}")
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise AdapterLoadError(f"{weights_path}: non-finite values in {bad}")
@@ -143,6 +145,19 @@ def load_adapter(
         for target in config.target_modules:
             layers[target].lora_A[adapter_name].weight.copy_(tensors[f"{target}.lora_A.weight"])
             layers[target].lora_B[adapter_name].weight.copy_(tensors[f"{target}.lora_B.weight"])
+    return provenance
+
+
+def _read_provenance(path: Path) -> dict[str, Any]:
+    """Our provenance file; adapters saved by PEFT have none, which is allowed."""
+    if not path.is_file():
+        return {}
+    try:
+        provenance = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterLoadError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(provenance, dict) or not isinstance(provenance.get("lora_config", {}), dict):
+        raise AdapterLoadError(f"{path}: expected a JSON object with a 'lora_config' object")
     return provenance
 
 

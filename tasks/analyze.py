@@ -4,17 +4,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from lora.data import load_split
 from lora.files import write_json
 from lora.metrics import predict, summarize, worst_digit
 from lora.train import resolve_device
 
-from .common import ANALYSIS, RAW_DIR, load_base_model, per_digit, run_cli
+from .common import ANALYSIS, load_base_model, load_data, per_digit, run_cli
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
     device = resolve_device(params["device"])
-    images, labels = load_split(RAW_DIR, "test")
+    images, labels = load_data("analyze", params, "test", training=False)
     summary = summarize(labels, predict(load_base_model(params, device), images))
     worst = worst_digit(summary["errors_per_digit"])
     forced = params["finetune"]["digit"]

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from lora import AdapterLoadError, LoRAConfig, LoRAConfigError
-from lora.data import DataError
+from lora.data import DataError, load_split, split_image_file
 from lora.files import load_tensors, save_tensors
 from lora.mlp import OversizedMLP
 from lora.train import DeviceError
@@ -37,6 +37,10 @@ class IntegrityError(RuntimeError):
 
 class WeightsError(ValueError):
     """A weights file is missing, damaged or does not fit the model that params.yaml describes."""
+
+
+class ResourceError(RuntimeError):
+    """The machine lacks the memory a stage needs."""
 
 
 def _int(minimum: int) -> Callable[[Any], bool]:
@@ -139,6 +143,47 @@ def lora_config(params: dict[str, Any]) -> LoRAConfig:
     )
 
 
+# What torch itself occupies before any data (its libraries; about 0.8 GB for the CUDA build).
+TORCH_BASELINE_BYTES = 900 * 2**20
+
+
+def check_memory(stage: str, params: dict[str, Any], image_file_bytes: int, training: bool) -> None:
+    """Stop before loading anything when the data (uint8 + float32 copies), the model (with gradients and
+    two Adam moments when training) and torch itself would not fit in the memory available now."""
+    model = params["model"]
+    weights = 784 * model["hidden_1"] + model["hidden_1"] * model["hidden_2"] + model["hidden_2"] * 10
+    needed = 5 * image_file_bytes + (4 if training else 1) * 4 * weights + TORCH_BASELINE_BYTES
+    available = _available_memory()
+    if available is not None and needed > available:
+        raise ResourceError(
+            f"{stage} needs about {needed / 2**30:.1f} GiB of memory but {available / 2**30:.1f} GiB is available; "
+            "free memory or make model.hidden_1/hidden_2 smaller"
+        )
+
+
+def file_size(path: Path) -> int:
+    """Size in bytes, 0 for a missing file (the reader then reports it by name)."""
+    return path.stat().st_size if path.is_file() else 0
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes; None where the system does not tell."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def load_data(stage: str, params: dict[str, Any], split: str, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split of data/mnist/raw, after checking that the stage fits in the memory available."""
+    check_memory(stage, params, file_size(split_image_file(RAW_DIR, split)), training)
+    return load_split(RAW_DIR, split)
+
+
 def save_base_model(model: torch.nn.Module, path: Path = BASE_WEIGHTS) -> None:
     save_tensors(path, model.state_dict())
 
@@ -172,7 +217,7 @@ def log_losses(name: str, losses: torch.Tensor) -> None:
         live.summary["loss_mean_last_100"] = round(float(losses[-100:].mean()), 6)
 
 
-EXPECTED_ERRORS = (ParamsError, WeightsError, IntegrityError, DataError, DeviceError, AdapterLoadError, LoRAConfigError)
+EXPECTED_ERRORS = (ParamsError, WeightsError, ResourceError, IntegrityError, DataError, DeviceError, AdapterLoadError, LoRAConfigError)
 
 
 def run_cli(stage: Callable[[dict[str, Any]], Any]) -> None:

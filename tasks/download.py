@@ -85,31 +85,36 @@ def fetch(
     source_dir: str | None = None,
     checksums: dict[str, str] = MNIST_SHA256,
 ) -> dict[str, str]:
-    """Make ``dest`` hold every file of ``checksums`` with the right sha256; returns name -> source used."""
+    """Make ``dest`` hold every file of ``checksums`` with the right sha256; returns name -> source used.
+
+    All or nothing: files are fetched and verified beside ``dest`` and moved in only once every one is
+    there, so a download that fails or is killed midway adds nothing to ``dest``.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     missing = [n for n in checksums if not ((dest / n).is_file() and file_sha256(dest / n) == checksums[n])]
     used = {n: "already present" for n in checksums if n not in missing}
     tried: list[str] = []
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download.") as tmp:
         workdir = Path(tmp)
+        fetched = []
         for source in sources:
             if not missing:
                 break
             outcome = _try_source(source, missing, source_dir, workdir)
-            used.update({name: source for name, error in outcome.items() if error is None})
             tried += _describe_failures(source, outcome)
-            for name in [n for n in missing if n in used]:
-                candidate = workdir / name
-                actual = file_sha256(candidate)
+            for name in [n for n, error in outcome.items() if error is None]:
+                actual = file_sha256(workdir / name)
                 if actual == checksums[name]:
-                    os.replace(candidate, dest / name)
+                    used[name] = source
+                    fetched.append(name)
                 else:
-                    candidate.unlink()
-                    del used[name]
+                    (workdir / name).unlink()
                     tried.append(f"{source} for {name}: sha256 {actual} does not match the expected {checksums[name]}")
             missing = [n for n in missing if n not in used]
-    if missing:
-        raise DownloadError(f"could not obtain {', '.join(missing)}; tried: " + " | ".join(tried or ["no source"]))
+        if missing:
+            raise DownloadError(f"could not obtain {', '.join(missing)}; tried: " + " | ".join(tried or ["no source"]))
+        for name in fetched:
+            os.replace(workdir / name, dest / name)
     return used
 
 

@@ -12,16 +12,26 @@ from typing import Any
 import torch
 
 from lora import base_weights_sha256, disable_adapter, load_adapter, read_adapter
-from lora.data import load_split
 from lora.files import atomic_path, write_json, write_text
 from lora.metrics import predict, summarize
 from lora.train import resolve_device
 
-from .common import ADAPTER_DIR, BASE_WEIGHTS, EVALUATE_METRICS, RAW_DIR, REPORTS, IntegrityError, load_base_model, per_digit, run_cli
+from .common import (
+    ADAPTER_DIR,
+    BASE_WEIGHTS,
+    EVALUATE_METRICS,
+    REPORTS,
+    IntegrityError,
+    load_base_model,
+    load_data,
+    per_digit,
+    run_cli,
+)
 
 PER_DIGIT_CSV = REPORTS / "per_digit_errors.csv"
 PREDICTIONS_CSV = REPORTS / "predictions.csv"
 PER_DIGIT_PNG = REPORTS / "per_digit_errors.png"
+CONFUSION_JSON = REPORTS / "confusion.json"
 
 
 def check_base_unchanged(model: torch.nn.Module, provenance: dict[str, Any]) -> str:
@@ -38,7 +48,7 @@ def check_base_unchanged(model: torch.nn.Module, provenance: dict[str, Any]) -> 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
     device = resolve_device(params["device"])
-    images, labels = load_split(RAW_DIR, "test")
+    images, labels = load_data("evaluate", params, "test", training=False)
     model = load_base_model(params, device)
     base_logits = predict(model, images)
 
@@ -101,6 +111,7 @@ def _write_reports(labels, base_logits, on_logits, base, on, off, digit) -> None
     writer.writerows(zip(labels.tolist(), base_logits.argmax(1).tolist(), on_logits.argmax(1).tolist()))
     write_text(PREDICTIONS_CSV, buffer.getvalue())
 
+    write_json(CONFUSION_JSON, {name: s["confusion"] for name, s in (("base", base), ("lora_on", on), ("lora_off", off))})
     _plot_per_digit(base, on, digit)
 
 

@@ -6,19 +6,18 @@ from typing import Any
 import torch
 
 from lora import base_weights_sha256, inject, mark_only_lora_trainable, save_adapter, trainable_parameters
-from lora.data import load_split
 from lora.files import write_json
 from lora.train import resolve_device, train
 
 from .analyze import target_digit
-from .common import ADAPTER_DIR, FINETUNE_METRICS, RAW_DIR, load_base_model, log_losses, lora_config, run_cli
+from .common import ADAPTER_DIR, FINETUNE_METRICS, load_base_model, load_data, log_losses, lora_config, run_cli
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
     cfg = params["finetune"]
     device = resolve_device(params["device"])
     digit = target_digit()
-    images, labels = load_split(RAW_DIR, "train")
+    images, labels = load_data("finetune", params, "train", training=True)
     only_digit = labels == digit
 
     model = load_base_model(params, device)

@@ -6,17 +6,16 @@ from typing import Any
 
 import torch
 
-from lora.data import load_split
 from lora.mlp import OversizedMLP
 from lora.train import resolve_device, steps_for_epochs, train
 
-from .common import BASE_WEIGHTS, RAW_DIR, log_losses, run_cli, save_base_model
+from .common import BASE_WEIGHTS, load_data, log_losses, run_cli, save_base_model
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
     cfg = params["pretrain"]
     device = resolve_device(params["device"])
-    images, labels = load_split(RAW_DIR, "train")
+    images, labels = load_data("pretrain", params, "train", training=True)
     steps = steps_for_epochs(images.shape[0], cfg["batch_size"], cfg["epochs"])
     if cfg["max_steps"] is not None:
         steps = min(steps, cfg["max_steps"])

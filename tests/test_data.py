@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 import gzip
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from lora.data import MEAN, STD, DataError, load_split, read_idx
 from tasks.download import DownloadError, fetch
-from tests.conftest import write_idx, write_synthetic_mnist
+from tests.conftest import ROOT, write_idx, write_synthetic_mnist
 
 
 def test_read_idx_returns_the_declared_shape_and_bytes(tmp_path):
@@ -89,4 +95,43 @@ def test_download_with_no_working_source_lists_everything_tried(tmp_path, monkey
     message = str(error.value)
     assert "\n" not in message
     assert "local: no directory given" in message and "torchvision: offline" in message
+    assert list((tmp_path / "raw").iterdir()) == []
+
+
+# Runs fetch with a local source that stalls after its second file, so the test can kill it midway.
+STALLING_FETCH = """
+import json, sys, time
+from pathlib import Path
+import tasks.download as download
+
+copy = download.from_local
+def stalling_copy(source_dir, name, target):
+    copy(source_dir, name, target)
+    if name == "train-labels-idx1-ubyte":
+        time.sleep(120)
+download.from_local = stalling_copy
+download.fetch(Path(sys.argv[1]), ["local"], sys.argv[2], checksums=json.loads(sys.argv[3]))
+"""
+
+
+def test_a_download_killed_midway_leaves_nothing_in_raw(tmp_path):
+    checksums = write_synthetic_mnist(tmp_path / "source")
+    process = subprocess.Popen(
+        [sys.executable, "-c", STALLING_FETCH, str(tmp_path / "raw"), str(tmp_path / "source"), json.dumps(checksums)],
+        cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": os.environ["PATH"]},
+    )
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".download.*/train-labels-idx1-ubyte")):
+        assert time.monotonic() < deadline and process.poll() is None, "the download never reached its second file"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert list((tmp_path / "raw").iterdir()) == []
+
+
+def test_a_download_that_fails_for_one_file_adds_no_file(tmp_path):
+    checksums = write_synthetic_mnist(tmp_path / "source")
+    (tmp_path / "source" / "t10k-images-idx3-ubyte").unlink()
+    with pytest.raises(DownloadError, match="could not obtain t10k-images-idx3-ubyte"):
+        fetch(tmp_path / "raw", ["local"], str(tmp_path / "source"), checksums=checksums)
     assert list((tmp_path / "raw").iterdir()) == []

@@ -12,7 +12,7 @@ import yaml
 from prefect.artifacts import Artifact
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.dvc_stage import STAGES
+from flows.dvc_stage import STAGES, StageFailed
 from flows.pipeline import pipeline
 from tasks.common import ParamsError
 from tests.conftest import run_env, sh
@@ -118,3 +118,11 @@ def test_sweep_runs_grid_points_concurrently_as_dvc_experiments(flow_repo):
     assert table["t-rank2"]["lora.rank"] == 2
     with pytest.raises(ParamsError, match="lora.rank=99 is invalid"):
         sweep(grid={"lora.rank": [2, 99]}, prefix="bad")
+
+
+def test_a_failing_stage_fails_the_flow_with_the_stages_own_error(flow_repo):
+    from tests.conftest import set_params
+
+    set_params(flow_repo / "params.yaml", **{"pretrain.lr": 0})
+    with pytest.raises(StageFailed, match="error: params.yaml: pretrain.lr=0 is invalid: a number > 0 is allowed"):
+        pipeline(training="local")

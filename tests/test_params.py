@@ -28,7 +28,7 @@ def test_the_shipped_params_are_valid():
         ("finetune.steps", 2.5, "finetune.steps=2.5 is invalid"),
         ("lora.targets", ["linear4"], "lora.targets=\\['linear4'\\] is invalid"),
         ("lora.init", "xavier", "lora.init='xavier' is invalid"),
-        ("lora.use_rslora", "yes", "lora.use_rslora='yes' is invalid"),
+        ("lora.use_rslora", 1, "lora.use_rslora=1 is invalid: true or false is allowed"),
         ("lora.typo", 1, "unknown key lora.'typo'"),
     ],
 )

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from lora import AdapterLoadError, LoRAConfig, base_weights_sha256, inject, load_adapter, lora_layers, save_adapter
 from lora.mlp import OversizedMLP
-from lora.save_load import CONFIG_NAME, WEIGHTS_NAME
+from lora.save_load import CONFIG_NAME, PROVENANCE_NAME, WEIGHTS_NAME
 
 
 def trained_model(seed: int = 0, **config) -> OversizedMLP:
@@ -41,7 +41,11 @@ def test_save_then_load_gives_equal_logits(tmp_path):
 
 
 def test_saved_files_hold_only_the_adapter_in_peft_layout(tmp_path):
-    save_adapter(trained_model(), tmp_path / "adapter")
+    save_adapter(trained_model(), tmp_path / "adapter", info={"digit": 4})
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == sorted([CONFIG_NAME, PROVENANCE_NAME, WEIGHTS_NAME])
+    provenance = json.loads((tmp_path / "adapter" / PROVENANCE_NAME).read_text())
+    assert provenance["digit"] == 4 and len(provenance["base_weights_sha256"]) == 64
+    assert provenance["lora_config"] == LoRAConfig().to_dict()
     tensors = load_file(tmp_path / "adapter" / WEIGHTS_NAME)
     assert sorted(tensors) == sorted(
         f"base_model.model.linear{i}.lora_{m}.weight" for i in (1, 2, 3) for m in ("A", "B")
@@ -97,7 +101,25 @@ def test_config_that_disagrees_with_its_tensors_is_refused(tmp_path):
     config = json.loads(config_path.read_text())
     config["r"] = 2
     config_path.write_text(json.dumps(config))
-    with pytest.raises(AdapterLoadError, match="has shape"):
+    with pytest.raises(AdapterLoadError, match=r"disagrees with adapter_config.json on \['r'\]"):
+        load_adapter(fresh_base(), tmp_path / "adapter")
+    (tmp_path / "adapter" / PROVENANCE_NAME).unlink()  # as in a PEFT-saved adapter: the tensors still tell
+    with pytest.raises(AdapterLoadError, match=r"linear1.lora_A.weight has shape \(1, 784\), expected \(2, 784\)"):
+        load_adapter(fresh_base(), tmp_path / "adapter")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        (json.dumps({"lora_config": {**LoRAConfig().to_dict(), "r": 3}}), r"disagrees with adapter_config.json on \['r'\]"),
+    ],
+)
+def test_damaged_or_disagreeing_provenance_is_refused(tmp_path, content, message):
+    save_adapter(trained_model(), tmp_path / "adapter")
+    (tmp_path / "adapter" / PROVENANCE_NAME).write_text(content)
+    with pytest.raises(AdapterLoadError, match=message):
         load_adapter(fresh_base(), tmp_path / "adapter")
 
 

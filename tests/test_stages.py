@@ -62,7 +62,7 @@ def test_finetune_trains_only_the_adapter_and_records_the_unchanged_base_hash(pr
     assert result["trainable_parameters"] == (784 + 64) + (64 + 32) + (32 + 10)
     assert result["base_weights_sha256_before"] == result["base_weights_sha256_after"]
     assert sorted(p.name for p in (project / "models" / "adapter").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors"
+        "adapter_config.json", "adapter_model.safetensors", "adapter_provenance.json"
     ]
 
 
@@ -76,6 +76,11 @@ def test_evaluate_reports_lora_on_and_off_and_off_equals_base(project):
     assert csv_rows[0] == "digit,base,lora_on,lora_off" and len(csv_rows) == 11
     assert len((project / "reports" / "predictions.csv").read_text().splitlines()) == 1 + 200
     assert (project / "reports" / "per_digit_errors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    confusion = json.loads((project / "reports" / "confusion.json").read_text())
+    assert sum(map(sum, confusion["lora_on"])) == 200
+    assert [row[d] for d, row in enumerate(confusion["base"])] == [
+        20 - result["base"]["errors_per_digit"][str(d)] for d in range(10)
+    ]
 
 
 def _flip_one_bit(path) -> None:
@@ -119,3 +124,12 @@ def test_an_absent_cuda_device_is_a_clear_error(project):
 
     with pytest.raises(DeviceError, match="device='cuda' was requested but CUDA is not available"):
         pretrain.run(load_params())
+
+
+def test_a_stage_that_would_not_fit_in_memory_says_so_before_loading(project, monkeypatch):
+    from tasks import common
+
+    monkeypatch.setattr(common, "_available_memory", lambda: 200 * 2**20)
+    with pytest.raises(common.ResourceError, match=r"pretrain needs about \d+\.\d GiB of memory but 0\.2 GiB is available"):
+        pretrain.run(load_params())
+    assert not BASE_WEIGHTS.exists()

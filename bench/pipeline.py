@@ -1,0 +1,208 @@
+"""Benchmark: the project's stages against the seed notebook's code, on real MNIST, in one run.
+
+    python -m bench.pipeline                     # full epoch (about 10 minutes on 2 cores)
+    python -m bench.pipeline --pretrain-steps 1000   # quicker, same per-step ratios
+
+1. The seed notebook as written (bench/seed_notebook.py) runs end to end in a subprocess and reports each
+   step's time.
+2. The project's stage kernels run in this process on the same data and hyper-parameters: pretraining,
+   evaluation of the test set (base, LoRA on, LoRA off), 100 LoRA steps; medians over --repeats.
+3. `dvc repro` of the whole pipeline (data already downloaded) in a temporary git repo, then each stage
+   again as its own process for wall time, start-up (imports) and peak memory.
+4. Cost growth: k = 1, 2, 4 LoRA configurations as `dvc exp run --temp` (pretrain comes from DVC's cache).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RAW = ROOT / "data" / "mnist" / "raw"
+STAGES = ("pretrain", "analyze", "finetune", "evaluate")
+
+
+# Linux carries a forked process's peak RSS over from its parent, so a child of this (large) process would
+# report at least our own peak: a small launcher process starts the command and reports its peak instead.
+LAUNCHER = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(child.pid, 0)
+print(f"@@peak_rss_kb={usage.ru_maxrss}", flush=True)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_measured(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS in MB, output) of one command, run through the launcher."""
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", LAUNCHER, *command], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout}")
+    lines = result.stdout.strip().splitlines()
+    peak_kb = int(lines[-1].split("=", 1)[1])
+    return seconds, peak_kb / 1024, "\n".join(lines[:-1])
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs() -> float:
+    """Read+write bandwidth of a 400 MB copy (larger than any cache)."""
+    a, b = torch.empty(50_000_000), torch.empty(50_000_000)
+    b.copy_(a)
+    seconds = median_seconds(lambda: b.copy_(a), 5)
+    return 2 * a.numel() * 4 / seconds / 1e9
+
+
+def project_kernels(pretrain_steps: int, repeats: int) -> dict[str, float]:
+    from lora import LoRAConfig, disable_adapter, inject, mark_only_lora_trainable
+    from lora.data import load_split
+    from lora.metrics import predict, summarize
+    from lora.mlp import OversizedMLP
+    from lora.train import train
+
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    train_x, train_y = load_split(RAW, "train")
+    test_x, test_y = load_split(RAW, "test")
+    seconds["load"] = time.perf_counter() - started
+
+    def pretrain() -> OversizedMLP:
+        torch.manual_seed(0)
+        model = OversizedMLP()
+        train(model, train_x, train_y, steps=pretrain_steps, batch_size=10, lr=1e-3, seed=0, desc="bench")
+        return model
+
+    seconds["pretrain"] = median_seconds(pretrain, max(1, repeats // 3))
+    model = pretrain()
+    seconds["test_base"] = median_seconds(lambda: summarize(test_y, predict(model, test_x)), repeats)
+    only = train_y == 9
+
+    def finetune() -> None:
+        torch.manual_seed(0)
+        fresh = OversizedMLP()
+        fresh.load_state_dict(model.state_dict())
+        inject(fresh, LoRAConfig())
+        mark_only_lora_trainable(fresh)
+        train(fresh, train_x[only], train_y[only], steps=100, batch_size=10, lr=1e-3, seed=0, desc="bench")
+
+    seconds["finetune_100"] = median_seconds(finetune, repeats)
+    inject(model, LoRAConfig())
+    seconds["test_lora_on"] = median_seconds(lambda: summarize(test_y, predict(model, test_x)), repeats)
+
+    def test_off() -> None:
+        with disable_adapter(model):
+            summarize(test_y, predict(model, test_x))
+
+    seconds["test_lora_off"] = median_seconds(test_off, repeats)
+    return seconds
+
+
+def pipeline_repo(tmp: Path, pretrain_steps: int | None, env: dict[str, str]) -> Path:
+    import yaml
+
+    repo = tmp / "repo"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["pretrain"]["max_steps"] = pretrain_steps
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"],
+                    ["dvc", "repro", "download"]):
+        subprocess.run(command, cwd=repo, env=env, check=True, capture_output=True)
+    return repo
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="cap pretraining (default: 1 epoch, 6000 steps)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-sweep", action="store_true")
+    args = parser.parse_args()
+    steps = args.pretrain_steps or 6000
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", MNIST_SOURCE_DIR=str(RAW),
+               GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@lora-mnist.invalid",
+               GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="bench@lora-mnist.invalid")
+
+    seed_cmd = [sys.executable, "-m", "bench.seed_notebook", "--raw-dir", str(RAW)]
+    if args.pretrain_steps:
+        seed_cmd += ["--pretrain-steps", str(args.pretrain_steps)]
+    seed_wall, seed_rss, seed_out = run_measured(seed_cmd, ROOT, env)
+    seed = json.loads(seed_out.strip().splitlines()[-1])
+    ours = project_kernels(steps, args.repeats)
+
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        repo = pipeline_repo(Path(tmp), args.pretrain_steps, env)
+        repro_wall, _, _ = run_measured(["dvc", "repro"], repo, env)
+        per_stage = {}
+        for stage in STAGES:
+            wall, rss, _ = run_measured([sys.executable, "-m", f"tasks.{stage}"], repo, env)
+            startup, _, _ = run_measured([sys.executable, "-c", f"import tasks.{stage}"], repo, env)
+            per_stage[stage] = (wall, startup, rss)
+        sweep = {}
+        if not args.skip_sweep:
+            subprocess.run(["git", "add", "-A"], cwd=repo, env=env, check=True)
+            subprocess.run(["git", "commit", "-qm", "baseline"], cwd=repo, env=env, check=True)
+            ranks = iter(range(2, 9))
+            for k in (1, 2, 4):
+                started = time.perf_counter()
+                for _ in range(k):
+                    run_measured(["dvc", "exp", "run", "--temp", "-S", f"lora.rank={next(ranks)}"], repo, env)
+                sweep[k] = time.perf_counter() - started
+
+    params = 2_807_010
+    traffic_mb = 4 * params * 4 / 1e6  # weights, gradients, two Adam moments (float32)
+    bandwidth = copy_bandwidth_gbs()
+    step_ms = 1e3 * ours["pretrain"] / steps
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), copy bandwidth {bandwidth:.1f} GB/s; pretrain {steps} steps")
+    print()
+    print("| step | seed notebook (s) | this project (s) | ratio |")
+    print("|---|---:|---:|---:|")
+    for key, label in (("pretrain", "pretrain"), ("test_base", "test set, base"), ("finetune_100", "100 LoRA steps"),
+                       ("test_lora_on", "test set, LoRA on"), ("test_lora_off", "test set, LoRA off")):
+        print(f"| {label} | {seed['seconds'][key]:.2f} | {ours[key]:.3f} | {ours[key] / seed['seconds'][key]:.3f} |")
+    print(f"| end to end: notebook process vs `dvc repro` (data present) | {seed_wall:.1f} | {repro_wall:.1f} | "
+          f"{repro_wall / seed_wall:.3f} |")
+    print()
+    print(f"pretrain: {step_ms:.2f} ms/step; a step reads and writes about {traffic_mb:.0f} MB "
+          f"(weights, gradients, two Adam moments), {2 * traffic_mb / 1e3 / bandwidth * 1e3:.2f} ms at the copy "
+          f"bandwidth above (the floor if nothing stayed in cache); seed notebook peak RSS {seed_rss:.0f} MB")
+    print()
+    print("| stage (own process) | wall (s) | start-up: imports (s) | peak RSS (MB) |")
+    print("|---|---:|---:|---:|")
+    for stage, (wall, startup, rss) in per_stage.items():
+        print(f"| {stage} | {wall:.1f} | {startup:.1f} | {rss:.0f} |")
+    if sweep:
+        print()
+        print("| LoRA configurations (dvc exp run --temp) | seconds | per configuration |")
+        print("|---:|---:|---:|")
+        for k, seconds in sweep.items():
+            print(f"| {k} | {seconds:.1f} | {seconds / k:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
