@@ -86,11 +86,16 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or infinity."""
+    return [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write tensors as safetensors, atomically; refuses non-finite values so no broken weights are kept."""
     from safetensors.torch import save_file
 
-    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = non_finite(tensors)
     if bad:
         raise ValueError(f"{path}: non-finite values in {bad}; nothing was written")
     with atomic_path(path) as tmp:

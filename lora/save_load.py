@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoRAConfig
-from .files import atomic_dir, tensors_sha256
+from .files import atomic_dir, non_finite, tensors_sha256
 from .model import DEFAULT_ADAPTER, adapter_state_dict, base_state_dict, inject, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
@@ -45,7 +45,7 @@ def save_adapter(
     """Write one adapter atomically; returns the provenance stored with it."""
     config = _adapter_config(model, adapter_name)
     tensors = {PEFT_PREFIX + k: v.contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
-    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    bad = non_finite(tensors)
     if bad:
         raise ValueError(f"adapter {adapter_name!r} has non-finite values in {bad}; nothing was saved")
     provenance = {"lora_config": config.to_dict(), "base_weights_sha256": base_weights_sha256(model), **(info or {})}
@@ -93,11 +93,12 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, to
     recorded = provenance.get("lora_config")
     if recorded is not None:
         mismatched = sorted(k for k in ("r", "alpha", "use_rslora") if recorded.get(k) != getattr(config, k))
-        if sorted(recorded.get("target_modules") or []) != sorted(config.target_modules):
+        targets = recorded.get("target_modules")
+        if not isinstance(targets, list) or sorted(map(str, targets)) != sorted(config.target_modules):
             mismatched.append("target_modules")
         if mismatched:
             raise AdapterLoadError(f"{directory / PROVENANCE_NAME}: disagrees with {CONFIG_NAME} on {mismatched}")
-    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    bad = non_finite(tensors)
     if bad:
         raise AdapterLoadError(f"{weights_path}: non-finite values in {bad}")
     return config, tensors, provenance
