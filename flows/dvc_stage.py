@@ -3,6 +3,7 @@ an experiment, and move a workspace between machines through a DVC remote."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from typing import Any
 import yaml
 
 from lora.files import write_text
-from tasks.common import PARAMS_FILE, load_params
+from tasks.common import PARAMS_FILE, check_params
 
 # Order of dvc.yaml's DAG; the flows run the stages in this order.
 STAGES = ("download", "pretrain", "analyze", "finetune", "evaluate")
@@ -24,7 +25,7 @@ LOCK_FILE = Path(".dvc/tmp/lora-mnist-flow.lock")
 
 
 class StageFailed(RuntimeError):
-    """A DVC command failed; the message carries the stage's own last error line."""
+    """A DVC command failed; the message carries its first error line, the stage's own when it has one."""
 
 
 def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -39,15 +40,12 @@ def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def is_up_to_date(stage: str) -> bool:
-    import json
-
     return json.loads(dvc("status", "--json", stage).stdout or "{}") == {}
 
 
 def reproduce(stage: str) -> str:
     """`dvc repro --single-item <stage>`: runs the stage and records it in dvc.lock; returns its output."""
-    result = dvc("repro", "--single-item", stage)
-    return result.stdout
+    return dvc("repro", "--single-item", stage).stdout
 
 
 def validate_overrides(overrides: dict[str, Any]) -> None:
@@ -55,12 +53,7 @@ def validate_overrides(overrides: dict[str, Any]) -> None:
     candidate = yaml.safe_load(PARAMS_FILE.read_text())
     for dotted, value in overrides.items():
         _set_dotted(candidate, dotted, value)
-    check = PARAMS_FILE.with_name(".params.override.yaml")
-    try:
-        check.write_text(yaml.safe_dump(candidate, sort_keys=False))
-        load_params(check)  # raises ParamsError naming the bad value
-    finally:
-        check.unlink(missing_ok=True)
+    check_params(candidate, str(PARAMS_FILE))  # raises ParamsError naming the bad value
 
 
 def apply_overrides(overrides: dict[str, Any]) -> None:
@@ -166,15 +159,11 @@ def _exchange_path(exchange_id: str, name: str) -> tuple[Any, str]:
 
 def send(exchange_id: str, name: str, files: dict[str, str]) -> None:
     """Put a workspace snapshot beside the DVC remote's objects, where the other checkout can read it."""
-    import json
-
     fs, path = _exchange_path(exchange_id, name)
     fs.makedirs(fs.parent(path), exist_ok=True)
     fs.pipe(path, json.dumps(files).encode())
 
 
 def receive(exchange_id: str, name: str) -> dict[str, str]:
-    import json
-
     fs, path = _exchange_path(exchange_id, name)
     return json.loads(fs.cat(path))

@@ -100,8 +100,14 @@ def load_params(path: str | os.PathLike = PARAMS_FILE) -> dict[str, Any]:
         raise ParamsError(f"{path}: not found; run from the project root") from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    check_params(params, str(path))
+    return params
+
+
+def check_params(params: Any, source: str = str(PARAMS_FILE)) -> None:
+    """Raise one ParamsError listing every unknown key and every value outside what is allowed."""
     if not isinstance(params, dict):
-        raise ParamsError(f"{path}: expected a mapping of sections")
+        raise ParamsError(f"{source}: expected a mapping of sections")
     problems = []
     for section, keys in SCHEMA.items():
         values = params if section == "" else params.get(section)
@@ -119,8 +125,7 @@ def load_params(path: str | os.PathLike = PARAMS_FILE) -> dict[str, Any]:
     if not problems:
         problems += _rank_problems(params)
     if problems:
-        raise ParamsError(f"{path}: " + "; ".join(problems))
-    return params
+        raise ParamsError(f"{source}: " + "; ".join(problems))
 
 
 def _rank_problems(params: dict[str, Any]) -> list[str]:
