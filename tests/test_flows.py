@@ -58,7 +58,7 @@ def test_pipeline_flow_runs_stages_through_dvc_publishes_artifacts_and_records_o
 
     sh(flow_repo, "git", "add", "-A")
     sh(flow_repo, "git", "commit", "-qm", "baseline")
-    third = pipeline(overrides={"lora.rank": 2}, training="local", experiment_name="flow-rank2")
+    third = pipeline(rank=2, training="local", experiment_name="flow-rank2")
     assert ran(third) == {"download": "skipped", "pretrain": "skipped", "analyze": "skipped", "finetune": "here", "evaluate": "here"}
     params_text = (flow_repo / "params.yaml").read_text()
     assert yaml.safe_load(params_text)["lora"]["rank"] == 2
