@@ -11,6 +11,7 @@ from .model import (
     mark_only_lora_trainable,
     merge,
     set_adapter,
+    set_inference_scale,
     trainable_parameters,
     unmerge,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "read_adapter",
     "save_adapter",
     "set_adapter",
+    "set_inference_scale",
     "trainable_parameters",
     "unmerge",
 ]

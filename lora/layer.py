@@ -32,6 +32,7 @@ class LoRALinear(nn.Module):
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
         self.disabled = False
+        self.inference_scale = 1.0  # multiplies the active adapter's delta: 0 = base, 1 = as trained
         self.add_adapter(adapter_name, config)
 
     @property
@@ -93,17 +94,26 @@ class LoRALinear(nn.Module):
             raise LoRAMergeError(f"adapter {self.merged_adapter!r} is merged: unmerge it before switching to {name!r}")
         self.active_adapter = name
 
+    def set_inference_scale(self, value: float) -> None:
+        """Scale the adapter's effect without retraining (0 gives the base model exactly, 1 the adapter)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"inference scale={value!r} is invalid: a finite number >= 0 is allowed")
+        if self.merged:
+            raise LoRAMergeError("an adapter is merged: unmerge it before changing the inference scale")
+        self.inference_scale = float(value)
+
     def delta_weight(self, name: str) -> torch.Tensor:
-        """ΔW = B·A·scale, shaped like the base weight (out, in)."""
-        return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+        """ΔW = B·A·scale (times the inference scale), shaped like the base weight (out, in)."""
+        return (self.lora_B[name].weight @ self.lora_A[name].weight) * (self.scaling[name] * self.inference_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         name = self.active_adapter
-        if self.disabled or self.merged or name is None:
+        if self.disabled or self.merged or name is None or self.inference_scale == 0:
             return out
         # Scaling the rank-r activations equals scaling B(A(x)) and touches r values per row instead of out.
-        return out + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)) * self.scaling[name])
+        scale = self.scaling[name] * self.inference_scale
+        return out + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)) * scale)
 
     @torch.no_grad()
     def merge(self, name: str | None = None) -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig, LoRAConfigError
-from .layer import LoRALinear
+from .layer import LoRALinear, LoRAMergeError
 
 DEFAULT_ADAPTER = "default"
 
@@ -80,6 +80,15 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
         raise KeyError(f"the model has no adapter named {adapter_name!r}")
     for layer in layers:
         layer.set_adapter(adapter_name)
+
+
+def set_inference_scale(model: nn.Module, value: float) -> None:
+    """Scale every LoRA layer's delta at inference: 0 gives the base outputs exactly, 1 the trained adapter."""
+    layers = list(lora_layers(model).values())
+    if any(layer.merged for layer in layers):
+        raise LoRAMergeError("an adapter is merged: unmerge it before changing the inference scale")
+    for layer in layers:  # an invalid value is refused by the first layer, before any layer changes
+        layer.set_inference_scale(value)
 
 
 def merge(model: nn.Module, adapter_name: str | None = None) -> None:

@@ -40,6 +40,20 @@ def batch_order(num_samples: int, batch_size: int, steps: int, seed: int) -> lis
     return batches[:steps]
 
 
+def finetune_selection(labels: torch.Tensor, digit: int, replay_fraction: float, seed: int) -> torch.Tensor:
+    """Indices of the fine-tuning set: every image of ``digit``, plus images of the other digits drawn
+    without replacement (seeded) so that they make up ``replay_fraction`` of the set (0: digit only)."""
+    if not 0 <= replay_fraction < 1:
+        raise ValueError(f"replay_fraction={replay_fraction!r} is invalid: a number in [0, 1) is allowed")
+    target = (labels == digit).nonzero().flatten()
+    if replay_fraction == 0:
+        return target
+    others = (labels != digit).nonzero().flatten()
+    count = min(round(len(target) * replay_fraction / (1 - replay_fraction)), len(others))
+    drawn = others[torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))[:count]]
+    return torch.cat([target, drawn]).sort().values
+
+
 def steps_for_epochs(num_samples: int, batch_size: int, epochs: int) -> int:
     return math.ceil(num_samples / batch_size) * epochs
 

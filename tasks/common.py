@@ -76,6 +76,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "steps": (_int(1), "an integer >= 1"),
         "batch_size": (_int(1), "an integer >= 1"),
         "lr": (_positive_number, "a number > 0"),
+        "replay_fraction": (
+            lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)"
+        ),
     },
     "lora": {
         "rank": (_int(1), "an integer >= 1"),

@@ -7,7 +7,7 @@ import torch
 
 from lora import base_weights_sha256, inject, mark_only_lora_trainable, save_adapter, trainable_parameters
 from lora.files import write_json
-from lora.train import resolve_device, train
+from lora.train import finetune_selection, resolve_device, train
 
 from .analyze import target_digit
 from .common import ADAPTER_DIR, FINETUNE_METRICS, load_base_model, load_data, log_losses, lora_config, run_cli
@@ -18,7 +18,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     device = resolve_device(params["device"])
     digit = target_digit()
     images, labels = load_data("finetune", params, "train", training=True)
-    only_digit = labels == digit
+    selection = finetune_selection(labels, digit, cfg["replay_fraction"], params["seed"])
 
     model = load_base_model(params, device)
     sha_before = base_weights_sha256(model)
@@ -27,7 +27,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     mark_only_lora_trainable(model)
     trainable, total = trainable_parameters(model)
     losses = train(
-        model, images[only_digit], labels[only_digit],
+        model, images[selection], labels[selection],
         steps=cfg["steps"], batch_size=cfg["batch_size"], lr=cfg["lr"], seed=params["seed"], desc=f"finetune digit {digit}",
     )
 
@@ -38,7 +38,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     base_total = total - trainable
     result = {
         "digit": digit,
-        "train_images": int(only_digit.sum()),
+        "train_images": len(selection),
+        "replay_images": int((labels[selection] != digit).sum()),
         "trainable_parameters": trainable,
         "base_parameters": base_total,
         "trainable_percent": round(100 * trainable / base_total, 3),

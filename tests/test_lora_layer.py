@@ -19,6 +19,7 @@ from lora import (
     mark_only_lora_trainable,
     merge,
     set_adapter,
+    set_inference_scale,
     trainable_parameters,
     unmerge,
 )
@@ -249,3 +250,26 @@ def test_dropout_applies_only_in_training_mode():
     assert torch.equal(model(x), model(x))
     model.train()
     assert not torch.equal(model(x), model(x))
+
+
+def test_inference_scale_zero_gives_base_exactly_one_gives_the_adapter_and_between_interpolates():
+    base, model, x = model_and_input()
+    randomize_b(model)
+    with_lora = model(x)
+    set_inference_scale(model, 0)
+    assert torch.equal(model(x), base(x))
+    set_inference_scale(model, 1)
+    assert torch.equal(model(x), with_lora)
+    layer = model.linear1
+    full_delta = layer.delta_weight("default")
+    set_inference_scale(model, 0.5)
+    half = base.linear1(x) + 0.5 * (x @ full_delta.T)
+    torch.testing.assert_close(layer(x), half, rtol=1e-5, atol=1e-5)
+    merge(model)
+    torch.testing.assert_close(layer(x), half, rtol=1e-5, atol=1e-5)
+    with pytest.raises(LoRAMergeError, match="unmerge it before changing the inference scale"):
+        set_inference_scale(model, 1)
+    unmerge(model)
+    with pytest.raises(ValueError, match="inference scale=-1 is invalid"):
+        set_inference_scale(model, -1)
+    assert all(layer.inference_scale == 0.5 for layer in lora_layers(model).values())

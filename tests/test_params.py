@@ -30,6 +30,7 @@ def test_the_shipped_params_are_valid():
         ("lora.init", "xavier", "lora.init='xavier' is invalid"),
         ("lora.use_rslora", 1, "lora.use_rslora=1 is invalid: true or false is allowed"),
         ("lora.typo", 1, "unknown key lora.'typo'"),
+        ("finetune.replay_fraction", 1.0, "finetune.replay_fraction=1.0 is invalid: a number in \\[0, 1\\) is allowed"),
     ],
 )
 def test_bad_values_are_named_with_what_is_allowed(project, key, value, message):

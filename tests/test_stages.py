@@ -32,6 +32,21 @@ def test_worst_digit_takes_the_most_errors_and_ties_go_to_the_lower_digit():
     assert worst_digit([5] * 10) == 0
 
 
+def test_replay_selection_keeps_every_target_image_and_draws_the_requested_share_of_others():
+    from lora.train import finetune_selection
+
+    labels = torch.arange(1000) % 10
+    assert torch.equal(finetune_selection(labels, 3, 0.0, seed=0), (labels == 3).nonzero().flatten())
+    selection = finetune_selection(labels, 3, 0.25, seed=0)
+    assert len(set(selection.tolist())) == len(selection)
+    assert int((labels[selection] == 3).sum()) == 100
+    assert int((labels[selection] != 3).sum()) == round(100 * 0.25 / 0.75)
+    assert torch.equal(selection, finetune_selection(labels, 3, 0.25, seed=0))
+    assert not torch.equal(selection, finetune_selection(labels, 3, 0.25, seed=1))
+    with pytest.raises(ValueError, match="replay_fraction=1 is invalid"):
+        finetune_selection(labels, 3, 1, seed=0)
+
+
 def test_pretrain_writes_weights_and_a_per_step_loss_curve_deterministically(project):
     first = pretrain.run(load_params())
     weights = BASE_WEIGHTS.read_bytes()
@@ -58,12 +73,18 @@ def test_finetune_trains_only_the_adapter_and_records_the_unchanged_base_hash(pr
     set_params(project / "params.yaml", **{"finetune.digit": 4})
     results = run_all(until="finetune")
     result = results["finetune"]
-    assert result["digit"] == 4 and result["train_images"] == 30
+    assert result["digit"] == 4 and result["train_images"] == 30 and result["replay_images"] == 0
     assert result["trainable_parameters"] == (784 + 64) + (64 + 32) + (32 + 10)
     assert result["base_weights_sha256_before"] == result["base_weights_sha256_after"]
     assert sorted(p.name for p in (project / "models" / "adapter").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "adapter_provenance.json"
     ]
+
+
+def test_finetune_with_replay_trains_on_the_digit_plus_other_digits(project):
+    set_params(project / "params.yaml", **{"finetune.digit": 4, "finetune.replay_fraction": 0.5})
+    result = run_all(until="finetune")["finetune"]
+    assert result["train_images"] == 60 and result["replay_images"] == 30
 
 
 def test_evaluate_reports_lora_on_and_off_and_off_equals_base(project):
