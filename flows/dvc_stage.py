@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from lora.files import write_text
-from tasks.common import PARAMS_FILE, check_params
+from tasks.common import EXPECTED_ERRORS, PARAMS_FILE, check_params
 
 # Order of dvc.yaml's DAG; the flows run the stages in this order.
 STAGES = ("download", "pretrain", "analyze", "finetune", "evaluate")
@@ -37,6 +37,16 @@ def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
         errors = [line for line in lines if line.startswith("error:") or line.startswith("ERROR:")]
         raise StageFailed(f"dvc {' '.join(args)} failed: {(errors or lines or ['no output'])[0].strip()}")
     return result
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """For the flow commands: a known failure becomes one line on stderr and exit status 2."""
+    try:
+        yield
+    except (*EXPECTED_ERRORS, StageFailed, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)  # Prefect has logged the traceback already
+        sys.exit(2)
 
 
 def is_up_to_date(stage: str) -> bool:

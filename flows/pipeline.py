@@ -29,6 +29,7 @@ from flows.dvc_stage import (
     dvc,
     has_default_remote,
     is_up_to_date,
+    one_line_errors,
     receive,
     reproduce,
     restore,
@@ -196,7 +197,8 @@ def main() -> None:
     parser.add_argument("--training", choices=["auto", "local", "gpu-pool"], default="auto")
     parser.add_argument("--name", help="experiment name when params are overridden")
     args = parser.parse_args()
-    result = pipeline(overrides=_parse_overrides(args.overrides), training=args.training, experiment_name=args.name)
+    with one_line_errors():
+        result = pipeline(overrides=_parse_overrides(args.overrides), training=args.training, experiment_name=args.name)
     for run in result["stages"]:
         print(f"{run['stage']}: {run['ran']}")
     if result["experiment"]:

@@ -18,7 +18,7 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.dvc_stage import dvc, set_param_args, validate_overrides
+from flows.dvc_stage import dvc, one_line_errors, set_param_args, validate_overrides
 
 SUMMARY_COLUMNS = {
     "digit": "digit",
@@ -83,7 +83,8 @@ def main() -> None:
         if not sep or not values:
             raise SystemExit(f"error: -S {item!r} is invalid: key=value1,value2 is allowed")
         grid[key] = [yaml.safe_load(v) for v in values.split(",")]
-    runs = sweep.with_options(task_runner=ThreadPoolTaskRunner(max_workers=args.parallel))(grid=grid, prefix=args.prefix)
+    with one_line_errors():
+        runs = sweep.with_options(task_runner=ThreadPoolTaskRunner(max_workers=args.parallel))(grid=grid, prefix=args.prefix)
     print("\n".join(run["name"] for run in runs))
     print("compare them with: dvc exp show")
 

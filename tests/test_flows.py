@@ -78,6 +78,18 @@ def test_a_bad_override_fails_before_any_stage_and_leaves_params_untouched(flow_
     assert not (flow_repo / "models").exists()
 
 
+def test_the_flow_command_reports_a_bad_override_in_one_line_and_exits_non_zero(flow_repo):
+    from prefect.settings import get_current_settings
+
+    env = dict(run_env(), PREFECT_API_URL=get_current_settings().api.url)
+    result = subprocess.run([sys.executable, "-m", "flows.pipeline", "--training", "local", "-S", "lora.rank=0"],
+                            cwd=flow_repo, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    # Prefect's own shutdown logs may follow; our message is one whole line of its own.
+    assert "error: params.yaml: lora.rank=0 is invalid: an integer >= 1 is allowed" in result.stderr.splitlines()
+    assert not (flow_repo / "models").exists()
+
+
 def test_two_flows_started_at_once_in_one_checkout_run_one_after_the_other(flow_repo):
     from prefect.settings import get_current_settings
 
