@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -53,9 +53,10 @@ def is_up_to_date(stage: str) -> bool:
     return json.loads(dvc("status", "--json", stage).stdout or "{}") == {}
 
 
-def reproduce(stage: str) -> str:
-    """`dvc repro --single-item <stage>`: runs the stage and records it in dvc.lock; returns its output."""
-    return dvc("repro", "--single-item", stage).stdout
+def reproduce(stage: str, log: Callable[[str], Any]) -> None:
+    """`dvc repro --single-item <stage>`: runs the stage, records it in dvc.lock, logs its output line by line."""
+    for line in dvc("repro", "--single-item", stage).stdout.splitlines():
+        log(line)
 
 
 def validate_overrides(overrides: dict[str, Any]) -> None:

@@ -55,9 +55,7 @@ def dvc_stage(stage: str) -> Any:
     """Run one DVC stage here; a stage DVC finds up to date is reported as Skipped and not re-run."""
     if skipped := skipped_if_up_to_date(stage):
         return skipped
-    logger = get_run_logger()
-    for line in reproduce(stage).splitlines():
-        logger.info(line)
+    reproduce(stage, get_run_logger().info)
     return {"stage": stage, "ran": "here"}
 
 

@@ -22,8 +22,7 @@ def train_stage(stage: str, exchange_id: str) -> dict[str, Any]:
     with checkout_lock():
         restore(receive(exchange_id, "request.json"))
         dvc("pull", "--allow-missing")
-        for line in reproduce(stage).splitlines():
-            logger.info(line)
+        reproduce(stage, logger.info)
         dvc("push")
         send(exchange_id, "result.json", snapshot())
     return {"stage": stage, "host": socket.gethostname(), "checkout": os.getcwd()}

@@ -40,9 +40,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp_dir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp_dir
-        os.chmod(tmp_dir, 0o777 & ~_umask())
+        mask = _umask()
+        os.chmod(tmp_dir, 0o777 & ~mask)
         for child in tmp_dir.iterdir():
-            os.chmod(child, 0o666 & ~_umask())
+            os.chmod(child, 0o666 & ~mask)
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():
