@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from lora.files import write_text
-from tasks.common import EXPECTED_ERRORS, PARAMS_FILE, check_params
+from tasks.common import EXPECTED_ERRORS, PARAMS_FILE, set_dotted, with_overrides
 
 # Order of dvc.yaml's DAG; the flows run the stages in this order.
 STAGES = ("download", "pretrain", "analyze", "finetune", "evaluate")
@@ -61,10 +61,7 @@ def reproduce(stage: str, log: Callable[[str], Any]) -> None:
 
 def validate_overrides(overrides: dict[str, Any]) -> None:
     """Refuse, before anything runs, an override of an unknown key or to a value params.yaml forbids."""
-    candidate = yaml.safe_load(PARAMS_FILE.read_text())
-    for dotted, value in overrides.items():
-        _set_dotted(candidate, dotted, value)
-    check_params(candidate, str(PARAMS_FILE))  # raises ParamsError naming the bad value
+    with_overrides(yaml.safe_load(PARAMS_FILE.read_text()), overrides)  # raises ParamsError naming the bad value
 
 
 def apply_overrides(overrides: dict[str, Any]) -> None:
@@ -74,7 +71,7 @@ def apply_overrides(overrides: dict[str, Any]) -> None:
     validate_overrides(overrides)
     with modify_yaml(PARAMS_FILE) as data:
         for dotted, value in overrides.items():
-            _set_dotted(data, dotted, value)
+            set_dotted(data, dotted, value)
 
 
 def set_param_args(overrides: dict[str, Any]) -> list[str]:
@@ -85,21 +82,9 @@ def set_param_args(overrides: dict[str, Any]) -> list[str]:
     return args
 
 
-def _set_dotted(params: dict[str, Any], dotted: str, value: Any) -> None:
-    section = params
-    *parents, key = dotted.split(".")
-    for parent in parents:
-        if not isinstance(section.get(parent), dict):
-            raise ValueError(f"override {dotted}={value!r}: params.yaml has no section {parent!r}")
-        section = section[parent]
-    if key not in section:
-        raise ValueError(f"override {dotted}={value!r}: params.yaml has no key {dotted!r}")
-    section[key] = value
-
-
 def save_experiment(name: str) -> str:
     """Record the workspace (params, dvc.lock, metrics) as a DVC experiment, like `dvc exp run` does."""
-    dvc("exp", "save", "--force", "--name", name)
+    dvc("exp", "save", "--force", "--name", name, "dvc.yaml")  # the main pipeline; experiments/ has its own outputs
     return name
 
 

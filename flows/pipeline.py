@@ -15,7 +15,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Completed, State
@@ -37,7 +36,7 @@ from flows.dvc_stage import (
     send,
     snapshot,
 )
-from tasks.common import ADAPTER_DIR, BASE_WEIGHTS, EVALUATE_METRICS, FINETUNE_METRICS
+from tasks.common import ADAPTER_DIR, BASE_WEIGHTS, EVALUATE_METRICS, FINETUNE_METRICS, parse_overrides
 
 TRAIN_DEPLOYMENT = "lora-mnist-train/gpu"
 
@@ -179,16 +178,6 @@ def pipeline(
     return {"stages": stage_runs, "experiment": experiment, "metrics": evaluation}
 
 
-def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"error: -S {pair!r} is invalid: key=value is allowed (e.g. -S lora.rank=4)")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the LoRA-MNIST pipeline as a Prefect flow.")
     parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -196,7 +185,7 @@ def main() -> None:
     parser.add_argument("--name", help="experiment name when params are overridden")
     args = parser.parse_args()
     with one_line_errors():
-        result = pipeline(overrides=_parse_overrides(args.overrides), training=args.training, experiment_name=args.name)
+        result = pipeline(overrides=parse_overrides(args.overrides), training=args.training, experiment_name=args.name)
     for run in result["stages"]:
         print(f"{run['stage']}: {run['ran']}")
     if result["experiment"]:

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .config import LoRAConfig, LoRAConfigError
+from .config import LoRAConfig
 
 
 class LoRAMergeError(RuntimeError):
@@ -51,11 +51,7 @@ class LoRALinear(nn.Module):
         """Create adapter ``name`` (B = 0, A per ``config.init``) and make it the active one."""
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        if config.r > min(self.in_features, self.out_features):
-            raise LoRAConfigError(
-                f"lora rank r={config.r} is invalid for a {self.in_features}->{self.out_features} layer: "
-                f"1..{min(self.in_features, self.out_features)} is allowed"
-            )
+        # r above min(in, out) is allowed, as in PEFT: more parameters, but B·A's rank stays capped by that side.
         weight = self.base_layer.weight
         factory = {"device": weight.device, "dtype": weight.dtype}
         self.lora_A[name] = nn.Linear(self.in_features, config.r, bias=False, **factory)

@@ -68,14 +68,16 @@ def train(
     lr: float,
     seed: int,
     desc: str = "train",
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> torch.Tensor:
-    """Adam on cross-entropy over seeded batches of (images, labels); returns the loss of every step (CPU)."""
+    """Adam on cross-entropy over seeded batches of (images, labels); returns the loss of every step (CPU).
+
+    Pass ``optimizer`` (from :func:`make_optimizer`) to inspect its state afterwards; ``lr`` is then unused."""
     if images.shape[0] == 0:
         raise ValueError("no training samples: the selected data is empty")
     device = next(model.parameters()).device
     images, labels = images.to(device), labels.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr, **_fastest_adam(device))
+    optimizer = optimizer or make_optimizer(model, lr)
     loss_fn = nn.CrossEntropyLoss()
     losses = torch.empty(steps, device=device)
     model.train()
@@ -88,6 +90,17 @@ def train(
         losses[step] = loss.detach()
     model.eval()
     return losses.cpu()
+
+
+def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Adam:
+    """Adam over the parameters that require gradients, with the fastest kernel for their device."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=lr, **_fastest_adam(params[0].device))
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by the optimizer's state tensors (Adam: two moments per parameter and a step count)."""
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
 
 
 def _fastest_adam(device: torch.device) -> dict[str, bool]:

@@ -1,6 +1,7 @@
 """What every stage shares: output paths, params.yaml loading with validation, and the CLI wrapper."""
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from collections.abc import Callable
@@ -25,6 +26,9 @@ FINETUNE_METRICS = Path("metrics/finetune.json")
 EVALUATE_METRICS = Path("metrics/evaluate.json")
 REPORTS = Path("reports")
 DVCLIVE = Path("dvclive")
+# The experiments pipeline (experiments/dvc.yaml): results in git, models in the DVC cache.
+EXPERIMENT_RESULTS = Path("experiments/results")
+EXPERIMENT_MODELS = Path("experiments/models")
 
 
 class ParamsError(ValueError):
@@ -131,12 +135,48 @@ def check_params(params: Any, source: str = str(PARAMS_FILE)) -> None:
         raise ParamsError(f"{source}: " + "; ".join(problems))
 
 
+def set_dotted(params: dict[str, Any], dotted: str, value: Any, source: str = str(PARAMS_FILE)) -> None:
+    """Set ``params["lora"]["rank"]`` for ``"lora.rank"``; a key params.yaml does not have is an error."""
+    section: Any = params
+    *parents, key = dotted.split(".")
+    for parent in parents:
+        section = section.get(parent) if isinstance(section, dict) else None
+    if not isinstance(section, dict) or key not in section:
+        raise ParamsError(f"override {dotted}={value!r}: {source} has no key {dotted!r}")
+    section[key] = value
+
+
+def with_overrides(params: dict[str, Any], overrides: dict[str, Any], source: str = str(PARAMS_FILE)) -> dict[str, Any]:
+    """A validated copy of ``params`` with dotted keys set, like `dvc exp run -S key=value`."""
+    result = copy.deepcopy(params)
+    for dotted, value in overrides.items():
+        set_dotted(result, dotted, value, source)
+    check_params(result, f"{source} with overrides {overrides}")
+    return result
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["lora.rank=4", ...]`` as ``{"lora.rank": 4}``; values are read as YAML, as `dvc exp run -S` does."""
+    overrides = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"override {arg!r} is invalid: key=value is allowed, for example lora.rank=4")
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ParamsError(f"override {arg!r}: the value is not valid YAML") from None
+    return overrides
+
+
 def _rank_problems(params: dict[str, Any]) -> list[str]:
+    # A layer's update B·A has rank at most the layer's smaller side. Above that on some targets is allowed
+    # (as in PEFT: more parameters, same reach); above it on every target it can only be a mistake.
     model = params["model"]
-    sides = {"linear1": min(784, model["hidden_1"]), "linear2": min(model["hidden_1"], model["hidden_2"]), "linear3": 10}
-    limit = min(sides[t] for t in params["lora"]["targets"])
+    sides = {"linear1": min(784, model["hidden_1"]), "linear2": min(model["hidden_1"], model["hidden_2"]), "linear3": min(model["hidden_2"], 10)}
+    limit = max(sides[t] for t in params["lora"]["targets"])
     rank = params["lora"]["rank"]
-    return [] if rank <= limit else [f"lora.rank={rank} is invalid: 1..{limit} is allowed (the smallest side of the targets)"]
+    return [] if rank <= limit else [f"lora.rank={rank} is invalid: 1..{limit} is allowed (above every target layer's smaller side)"]
 
 
 def lora_config(params: dict[str, Any]) -> LoRAConfig:

@@ -12,21 +12,29 @@ from lora.train import resolve_device, steps_for_epochs, train
 from .common import BASE_WEIGHTS, load_data, log_losses, run_cli, save_base_model
 
 
-def run(params: dict[str, Any]) -> dict[str, Any]:
+def pretrain_model(
+    params: dict[str, Any], device: torch.device, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[OversizedMLP, torch.Tensor]:
+    """A fresh MLP trained as params.yaml's `pretrain` section says; returns it with its per-step losses."""
     cfg = params["pretrain"]
-    device = resolve_device(params["device"])
-    images, labels = load_data("pretrain", params, "train", training=True)
     steps = steps_for_epochs(images.shape[0], cfg["batch_size"], cfg["epochs"])
     if cfg["max_steps"] is not None:
         steps = min(steps, cfg["max_steps"])
-
     torch.manual_seed(params["seed"])
     model = OversizedMLP(**params["model"]).to(device)
-    started = time.perf_counter()
     losses = train(
         model, images, labels, steps=steps, batch_size=cfg["batch_size"], lr=cfg["lr"], seed=params["seed"], desc="pretrain"
     )
+    return model, losses
+
+
+def run(params: dict[str, Any]) -> dict[str, Any]:
+    device = resolve_device(params["device"])
+    images, labels = load_data("pretrain", params, "train", training=True)
+    started = time.perf_counter()
+    model, losses = pretrain_model(params, device, images, labels)
     seconds = time.perf_counter() - started
+    steps = len(losses)
 
     save_base_model(model)
     log_losses("pretrain", losses)

@@ -233,9 +233,15 @@ def test_bad_configs_are_rejected_with_the_value_named(kwargs, message):
         LoRAConfig(**kwargs)
 
 
-def test_rank_larger_than_the_layer_is_rejected():
-    with pytest.raises(ValueError, match="r=11 is invalid for a 2000->10 layer"):
-        inject(OversizedMLP(), LoRAConfig(r=11))
+def test_a_rank_above_a_layers_smaller_side_trains_but_its_update_stays_capped_by_that_side():
+    torch.manual_seed(0)
+    model = inject(OversizedMLP(), LoRAConfig(r=16))
+    layer = lora_layers(model)["linear3"]
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
+    assert layer.lora_A["default"].weight.shape == (16, 2000) and layer.lora_B["default"].weight.shape == (10, 16)
+    assert torch.linalg.matrix_rank(layer.delta_weight("default")) == 10
+    model(torch.randn(3, 784)).sum().backward()
+    assert layer.lora_A["default"].weight.grad is not None
 
 
 def test_unknown_target_module_is_rejected_by_name():

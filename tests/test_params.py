@@ -20,7 +20,7 @@ def test_the_shipped_params_are_valid():
     "key, value, message",
     [
         ("lora.rank", 0, "lora.rank=0 is invalid: an integer >= 1 is allowed"),
-        ("lora.rank", 11, "lora.rank=11 is invalid: 1..10 is allowed"),
+        ("lora.rank", 65, "lora.rank=65 is invalid: 1..64 is allowed"),
         ("lora.alpha", -1, "lora.alpha=-1 is invalid: a number > 0 is allowed"),
         ("finetune.digit", 10, "finetune.digit=10 is invalid: 'auto' or a digit 0-9 is allowed"),
         ("finetune.digit", "nine", "finetune.digit='nine' is invalid"),
