@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup repro test bench bench-lora clean
+.PHONY: setup repro experiments test bench bench-lora clean
 
 setup: $(STAMP)
 
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 
 repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
+
+# The experiments of experiments/dvc.yaml (rank sweep, seeds, replay, full fine-tuning, an adapter per digit) and their report.
+experiments: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro experiments/dvc.yaml
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +44,7 @@ def ran(result: dict) -> dict[str, str]:
 def test_pipeline_flow_runs_stages_through_dvc_publishes_artifacts_and_records_overrides_as_experiments(flow_repo):
     first = pipeline(training="local")
     assert ran(first) == {stage: "here" for stage in STAGES}
-    assert "Data and pipelines are up to date" in sh(flow_repo, "dvc", "status")
+    assert "Data and pipelines are up to date" in sh(flow_repo, "dvc", "status", "dvc.yaml")
 
     metrics = json.loads((flow_repo / "metrics" / "evaluate.json").read_text())
     table = json.loads(Artifact.get("per-digit-errors").data)
@@ -86,7 +87,8 @@ def test_the_flow_command_reports_a_bad_override_in_one_line_and_exits_non_zero(
                             cwd=flow_repo, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     # Prefect's own shutdown logs may follow; our message is one whole line of its own.
-    assert "error: params.yaml: lora.rank=0 is invalid: an integer >= 1 is allowed" in result.stderr.splitlines()
+    assert ("error: params.yaml with overrides {'lora.rank': 0}: lora.rank=0 is invalid: an integer >= 1 is allowed"
+            in result.stderr.splitlines())
     assert not (flow_repo / "models").exists()
 
 
@@ -106,7 +108,7 @@ def test_two_flows_started_at_once_in_one_checkout_run_one_after_the_other(flow_
     ]
     outputs = [p.communicate(timeout=600)[0] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], outputs
-    assert "Data and pipelines are up to date" in sh(flow_repo, "dvc", "status")
+    assert "Data and pipelines are up to date" in sh(flow_repo, "dvc", "status", "dvc.yaml")
     rank = yaml.safe_load((flow_repo / "params.yaml").read_text())["lora"]["rank"]
     finetune = json.loads((flow_repo / "metrics" / "finetune.json").read_text())
     assert rank in (2, 3) and finetune["trainable_parameters"] == rank * 6794
@@ -128,8 +130,8 @@ def test_sweep_runs_grid_points_concurrently_as_dvc_experiments(flow_repo):
     assert table["t-rank2"]["trainable parameters"] == 2 * 6794
     assert table["t-rank3"]["trainable parameters"] == 3 * 6794
     assert table["t-rank2"]["lora.rank"] == 2
-    with pytest.raises(ParamsError, match="lora.rank=99 is invalid"):
-        sweep(grid={"lora.rank": [2, 99]}, prefix="bad")
+    with pytest.raises(ParamsError, match="lora.rank=1001 is invalid: 1..1000 is allowed"):
+        sweep(grid={"lora.rank": [2, 1001]}, prefix="bad")
 
 
 def test_a_failing_stage_fails_the_flow_with_the_stages_own_error(flow_repo):
@@ -138,3 +140,19 @@ def test_a_failing_stage_fails_the_flow_with_the_stages_own_error(flow_repo):
     set_params(flow_repo / "params.yaml", **{"pretrain.lr": 0})
     with pytest.raises(StageFailed, match="error: params.yaml: pretrain.lr=0 is invalid: a number > 0 is allowed"):
         pipeline(training="local")
+
+
+def test_experiments_flow_runs_the_chosen_groups_then_publishes_the_report(flow_repo):
+    from flows.experiments import experiments
+
+    shutil.rmtree(flow_repo / "experiments" / "results")  # the committed real results; only this run's will be there
+    first = experiments(groups=["full_finetune"])
+    assert ran(first) == {"download": "here", "pretrain": "here", "experiments/dvc.yaml:full_finetune": "here",
+                          "experiments/dvc.yaml:report": "here"}
+    report = Artifact.get("lora-experiments-report").data
+    assert "## LoRA against full fine-tuning" in report and "No results yet for: rank_sweep, seeds" in report
+    lora, full = first["summary"]["full_vs_lora"]["lora"], first["summary"]["full_vs_lora"]["full"]
+    assert lora["accuracy"] > full["accuracy"]  # the forgetting of full fine-tuning on one digit
+    assert set(ran(experiments(groups=["full_finetune"])).values()) == {"skipped"}
+    with pytest.raises(ValueError, match=r"groups=\['sweeps'\] are invalid"):
+        experiments(groups=["sweeps"])

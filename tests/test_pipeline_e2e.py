@@ -23,7 +23,7 @@ def test_dvc_repro_on_real_mnist_then_a_rank_experiment_reruns_only_finetune_and
     assert result["digit"] == analysis["worst_digit"]
     assert result["lora_off"] == result["base"]
     assert result["digit_errors"]["lora_on"] < result["digit_errors"]["base"]
-    assert "Data and pipelines are up to date" in sh(repo, "dvc", "status")
+    assert "Data and pipelines are up to date" in sh(repo, "dvc", "status", "dvc.yaml")
 
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "baseline run")
@@ -47,7 +47,7 @@ def test_dvc_repro_on_real_mnist_then_a_rank_experiment_reruns_only_finetune_and
     assert failed.returncode != 0
     assert "error: params.yaml: lora.rank=0 is invalid: an integer >= 1 is allowed" in failed.stdout + failed.stderr
     assert sh(repo, "git", "status", "--short") == before
-    assert "Data and pipelines are up to date" in sh(repo, "dvc", "status")
+    assert "Data and pipelines are up to date" in sh(repo, "dvc", "status", "dvc.yaml")
 
     # Two `dvc repro` at once in one checkout: each ends with correct outputs or DVC's clear "busy" error.
     runs = [subprocess.Popen(["dvc", "repro", "--force", "--single-item", "evaluate"], cwd=repo, env=run_env(),
@@ -57,5 +57,5 @@ def test_dvc_repro_on_real_mnist_then_a_rank_experiment_reruns_only_finetune_and
     assert any(run.returncode == 0 for run in runs), outputs
     for run, output in zip(runs, outputs):
         assert run.returncode == 0 or "is busy" in output or "Unable to acquire lock" in output, output
-    assert "Data and pipelines are up to date" in sh(repo, "dvc", "status")
+    assert "Data and pipelines are up to date" in sh(repo, "dvc", "status", "dvc.yaml")
     assert json.loads((repo / "metrics" / "evaluate.json").read_text()) == expected

@@ -113,7 +113,7 @@ def test_deployed_pipeline_trains_on_the_gpu_pool_worker_and_matches_a_local_run
     assert all(run["state"] == "COMPLETED" and run["work_pool"] == "gpu" for run in training_runs)
 
     # The cpu checkout holds every output and DVC finds it consistent.
-    assert "Data and pipelines are up to date" in sh(cpu_checkout, "dvc", "status", env=env)
+    assert "Data and pipelines are up to date" in sh(cpu_checkout, "dvc", "status", "dvc.yaml", env=env)
 
     # Same params, same seed, one machine: a local `dvc repro` gives identical weights and metrics.
     local = tmp_path / "local-run"

@@ -1,0 +1,120 @@
+"""Experiment trial: one LoRA fine-tuning with params overridden, measured on the test set.
+
+    python -m tasks.trial NAME [--pretrain] [key=value ...]
+
+The matrix stages of experiments/dvc.yaml run this. It trains an adapter exactly as the finetune stage
+would with the overrides applied (`finetune.digit: auto` picks the base model's worst digit), saves it to
+experiments/models/NAME/adapter/ and writes experiments/results/NAME.json: errors per digit of the base
+and with the adapter at inference scales 0 to 1, trainable parameters and the adapter's size on disk.
+With --pretrain it first trains its own base model (repeats over seeds), else it uses models/base.safetensors.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from lora import base_weights_sha256, save_adapter, set_inference_scale, trainable_parameters
+from lora.files import write_json
+from lora.metrics import predict, summarize, worst_digit
+from lora.save_load import WEIGHTS_NAME
+from lora.train import resolve_device
+
+from .common import (
+    BASE_WEIGHTS,
+    EXPERIMENT_MODELS,
+    EXPERIMENT_RESULTS,
+    ParamsError,
+    load_base_model,
+    load_data,
+    lora_config,
+    parse_overrides,
+    run_cli,
+    save_base_model,
+    with_overrides,
+)
+from .finetune import train_adapter
+from .pretrain import pretrain_model
+
+# Inference scales of the adapter's output, 0 (base model) to 1 (as trained): the no-retraining lever.
+SCALES = [round(0.1 * i, 1) for i in range(11)]
+
+
+def check_name(name: str) -> str:
+    parts = name.split("/")
+    if not all(part and part not in (".", "..") and all(c.isalnum() or c in "-_." for c in part) for part in parts):
+        raise ParamsError(f"trial name {name!r} is invalid: letters, digits, '-', '_', '.' and '/' between parts are allowed")
+    return name
+
+
+def run(params: dict[str, Any], name: str, overrides: dict[str, Any], pretrain: bool) -> dict[str, Any]:
+    check_name(name)
+    params = with_overrides(params, overrides)
+    device = resolve_device(params["device"])
+    images, labels = load_data(f"trial {name}", params, "train", training=True)
+    test_images, test_labels = load_data(f"trial {name}", params, "test", training=False)
+    out = EXPERIMENT_MODELS / name
+
+    if pretrain:
+        model, _ = pretrain_model(params, device, images, labels)
+        base_file = out / "base.safetensors"
+        save_base_model(model, base_file)
+    else:
+        model, base_file = load_base_model(params, device), BASE_WEIGHTS
+    base = summarize(test_labels, predict(model, test_images))
+    forced = params["finetune"]["digit"]
+    digit = worst_digit(base["errors_per_digit"]) if forced == "auto" else forced
+
+    sha_before = base_weights_sha256(model)
+    losses = train_adapter(params, model, images, labels, digit)
+    trainable, total = trainable_parameters(model)
+    save_adapter(model, out / "adapter", info={"digit": digit, "trial": name, "base_weights_sha256_before": sha_before})
+
+    curve = []
+    for scale in SCALES:
+        set_inference_scale(model, scale)
+        summary = summarize(test_labels, predict(model, test_images))
+        curve.append({"scale": scale, "accuracy": summary["accuracy"], "errors_per_digit": summary["errors_per_digit"]})
+    set_inference_scale(model, 1.0)
+
+    config = lora_config(params)
+    result = {
+        "name": name,
+        "overrides": overrides,
+        "pretrained_here": pretrain,
+        "seed": params["seed"],
+        "digit": digit,
+        "rank": config.r,
+        "alpha": config.alpha,
+        "scaling": config.scaling,
+        "replay_fraction": params["finetune"]["replay_fraction"],
+        "steps": params["finetune"]["steps"],
+        "trainable_parameters": trainable,
+        "base_parameters": total - trainable,
+        "adapter_file_bytes": (out / "adapter" / WEIGHTS_NAME).stat().st_size,
+        "base_file_bytes": base_file.stat().st_size,
+        "base_weights_unchanged": base_weights_sha256(model) == sha_before,
+        "loss_first_10": round(float(losses[:10].mean()), 6),
+        "loss_last_10": round(float(losses[-10:].mean()), 6),
+        "base": {"accuracy": base["accuracy"], "errors_per_digit": base["errors_per_digit"]},
+        "lora_on": curve[-1],
+        "scale_curve": curve,
+    }
+    write_json(EXPERIMENT_RESULTS / f"{name}.json", result)
+    on = result["lora_on"]["errors_per_digit"]
+    print(f"trial {name}: digit {digit}, errors {base['errors_per_digit'][digit]} -> {on[digit]}, accuracy "
+          f"{base['accuracy']:.4f} -> {result['lora_on']['accuracy']:.4f}, {trainable:,} trainable parameters")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tasks.trial", description=__doc__.splitlines()[0])
+    parser.add_argument("name", help="where the results go: experiments/results/NAME.json, experiments/models/NAME/")
+    parser.add_argument("--pretrain", action="store_true", help="train a base model first instead of using models/base.safetensors")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="params.yaml keys to override, e.g. lora.rank=4")
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after --pretrain
+    run_cli(lambda params: run(params, args.name, parse_overrides(args.overrides), args.pretrain))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

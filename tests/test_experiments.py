@@ -1,0 +1,226 @@
+"""The experiments of experiments/dvc.yaml: trials, LoRA against full fine-tuning, the report, and how DVC expands them."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora.data import MNIST_SHA256
+from lora.files import file_sha256
+from lora.mlp import OversizedMLP
+from tasks import full_finetune, pretrain, report, trial
+from tasks.common import BASE_WEIGHTS, load_params
+from tests.conftest import HARD_DIGIT, ROOT, run_env, sh
+
+
+def test_trial_records_the_base_and_the_adapter_at_every_inference_scale(project):
+    pretrain.run(load_params())
+    base_hash = file_sha256(BASE_WEIGHTS)
+    result = trial.run(load_params(), "rank_sweep/r2-a4", {"lora.rank": 2, "lora.alpha": 4}, pretrain=False)
+
+    saved = json.loads((project / "experiments/results/rank_sweep/r2-a4.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert result["digit"] == HARD_DIGIT and (result["rank"], result["alpha"], result["scaling"]) == (2, 4, 2.0)
+    assert [p["scale"] for p in result["scale_curve"]] == trial.SCALES
+    assert result["scale_curve"][0]["errors_per_digit"] == result["base"]["errors_per_digit"]  # scale 0 is the base
+    assert result["scale_curve"][-1] == result["lora_on"]
+    assert result["loss_last_10"] < result["loss_first_10"]
+    adapter = project / "experiments/models/rank_sweep/r2-a4/adapter/adapter_model.safetensors"
+    assert result["adapter_file_bytes"] == adapter.stat().st_size
+    assert result["trainable_parameters"] == 2 * (784 + 64 + 64 + 32 + 32 + 10)
+    assert result["base_weights_unchanged"] and file_sha256(BASE_WEIGHTS) == base_hash
+
+
+def test_trial_with_pretrain_trains_its_own_base_for_the_seed_it_is_given(project):
+    trial.main(["seeds/seed-3", "--pretrain", "seed=3"])  # as experiments/dvc.yaml's seeds stage runs it
+    first = json.loads((project / "experiments/results/seeds/seed-3.json").read_text())
+    assert not BASE_WEIGHTS.exists()  # the main pipeline's base is neither needed nor written
+    base = project / "experiments/models/seeds/seed-3/base.safetensors"
+    assert first["seed"] == 3 and first["pretrained_here"] and first["base_file_bytes"] == base.stat().st_size
+    other = trial.run(load_params(), "seeds/seed-4", {"seed": 4}, pretrain=True)
+    assert file_sha256(base) != file_sha256(project / "experiments/models/seeds/seed-4/base.safetensors")
+    assert other["seed"] == 4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["x", "lora.rnak=2"], "error: override lora.rnak=2: params.yaml has no key 'lora.rnak'"),
+        (["x", "lora.rank=0"], "lora.rank=0 is invalid: an integer >= 1 is allowed"),
+        (["x", "lora.rank"], "error: override 'lora.rank' is invalid: key=value is allowed"),
+        (["../x"], "error: trial name '../x' is invalid"),
+    ],
+)
+def test_trial_refuses_a_bad_override_or_name_in_one_line_and_writes_nothing(project, args, message):
+    result = subprocess.run([sys.executable, "-m", "tasks.trial", *args], cwd=project, capture_output=True, text=True,
+                            env={**run_env(), "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (project / "experiments").exists()
+
+
+def test_full_finetune_trains_every_weight_while_lora_keeps_optimizer_and_file_small(project):
+    pretrain.run(load_params())
+    base_hash = file_sha256(BASE_WEIGHTS)
+    result = full_finetune.run(load_params())
+
+    total = sum(p.numel() for p in OversizedMLP(hidden_1=64, hidden_2=32).parameters())
+    assert result["full"]["trainable_parameters"] == total
+    assert result["lora"]["trainable_parameters"] == 784 + 64 + 64 + 32 + 32 + 10
+    for name in ("lora", "full"):  # Adam: two float32 moments per trainable parameter, plus a step count each
+        moments = 2 * 4 * result[name]["trainable_parameters"]
+        assert moments <= result[name]["optimizer_state_bytes"] <= moments + 64 * 8
+        assert result[name]["step_ms"] > 0
+    assert result["full"]["file_bytes"] == (project / "experiments/models/full_finetune/full.safetensors").stat().st_size
+    assert result["lora"]["file_bytes"] * 10 < result["full"]["file_bytes"]
+    assert result["digit"] == HARD_DIGIT and file_sha256(BASE_WEIGHTS) == base_hash
+
+
+def test_pareto_front_keeps_only_points_no_other_point_beats_on_both_axes():
+    def point(errors, accuracy, scale):
+        return {"digit_errors": errors, "accuracy": accuracy, "scale": scale, "replay_fraction": 0.0, "other_errors": 0}
+
+    points = [point(100, 0.90, 0.0), point(20, 0.95, 0.5), point(10, 0.94, 1.0), point(20, 0.93, 0.7), point(30, 0.95, 0.3)]
+    assert [(p["digit_errors"], p["accuracy"]) for p in report.pareto_front(points)] == [(10, 0.94), (20, 0.95)]
+
+
+def trial_result(digit: int, base: list[int], on: list[int], **fields) -> dict:
+    """A result file shaped like tasks.trial's, with a straight-line scale curve from base to on."""
+    curve = []
+    for scale in (0.0, 0.5, 1.0):
+        errors = [round(b + scale * (o - b)) for b, o in zip(base, on)]
+        curve.append({"scale": scale, "accuracy": 1 - sum(errors) / 1000, "errors_per_digit": errors})
+    defaults = {"seed": 0, "rank": 1, "alpha": 1, "scaling": 1.0, "replay_fraction": 0.0, "steps": 100,
+                "trainable_parameters": 6794, "adapter_file_bytes": 27792, "base_file_bytes": 11228536}
+    return {**defaults, **fields, "digit": digit, "base": {"accuracy": curve[0]["accuracy"], "errors_per_digit": base},
+            "lora_on": curve[-1], "scale_curve": curve}
+
+
+def write_fixture_results(root: Path) -> None:
+    results = root / "experiments" / "results"
+    base = [5] * 10
+    base[1] = 50
+    files = {}
+    for rank in (1, 4):
+        for alpha in (1, 4):
+            on = [6] * 10
+            on[1] = 10 // rank
+            files[f"rank_sweep/r{rank}-a{alpha}"] = trial_result(1, base, on, rank=rank, alpha=alpha, scaling=alpha / rank)
+    for seed, (base_1, on_1) in enumerate([(50, 10), (40, 6)]):
+        files[f"seeds/seed-{seed}"] = trial_result(1, base[:1] + [base_1] + base[2:], [5, on_1] + [7] * 8, seed=seed)
+    files["replay_sweep/replay-0.0"] = trial_result(1, base, [5, 10] + [8] * 8)
+    files["replay_sweep/replay-0.1"] = trial_result(1, base, [5, 12] + [6] * 8, replay_fraction=0.1)
+    for digit in range(3):
+        on = list(base)
+        on[digit] = 1
+        files[f"digit_adapters/digit-{digit}"] = trial_result(digit, base, on)
+    for name, data in files.items():
+        (results / name).parent.mkdir(parents=True, exist_ok=True)
+        (results / f"{name}.json").write_text(json.dumps(data))
+    row = {"trainable_parameters": 10, "optimizer_state_bytes": 88, "file_bytes": 100, "step_ms": 1.5, "accuracy": 0.9}
+    (results / "full_finetune.json").write_text(json.dumps({
+        "digit": 1, "steps": 100, "device": "cpu", "torch_threads": 2, "base": {"accuracy": 0.9, "errors_per_digit": base},
+        "lora": {**row, "errors_per_digit": [5, 10] + [6] * 8}, "full": {**row, "trainable_parameters": 1000, "errors_per_digit": [9, 0] + [20] * 8},
+    }))
+
+
+def test_report_builds_every_section_from_small_fixture_results(tmp_path, monkeypatch):
+    write_fixture_results(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    summary = report.run()
+
+    text = (tmp_path / "experiments/report.md").read_text()
+    for heading in ("## Rank sweep", "## Variance over seeds", "## Forgetting and how to trade it",
+                    "## LoRA against full fine-tuning", "## One adapter per digit"):
+        assert heading in text
+    assert "Not run" not in text
+    # seeds: base accuracy 1 - 95/1000 and 1 - 85/1000; target errors 50 and 40 -> 10 and 6
+    assert summary["seeds"]["base_accuracy"] == {"mean": 0.91, "std": 0.0071}
+    assert summary["seeds"]["target_errors_base"] == {"mean": 45.0, "std": 7.0711}
+    assert "| **mean ± std** | | 0.9100 ± 0.0071 |" in text
+    # frontier: replay 0 at scale 1 has the fewest target errors, replay 0.1 at scale 1 the best accuracy
+    assert "| 0 | 1 | 10 | 69 | 0.9210 |\n| 0.1 | 1 | 12 | 53 | 0.9350 |\n\n" in text
+    assert summary["frontier"] == {"points": 2, "max_accuracy": 0.935}
+    assert summary["replay_sweep"]["replay-0.1"] == {"digit_errors": 12, "other_errors": 53, "accuracy": 0.935}
+    assert summary["rank_sweep"]["r4-a1"] == {"digit_errors": 2, "accuracy": 0.944}
+    assert summary["digit_adapters"]["digit-1"] == {"digit_errors_change": -49, "accuracy": 0.954}
+    assert "| 4 | 4 | 1 | 6,794 | 27.1 KiB | 2 | 54 | 0.9440 |" in text
+    assert "| 1 | 0 | **-49** | 0 |" in text  # the digit-1 adapter's row: 50 -> 1 errors on 1, others unchanged
+    for name in ("rank_sweep", "frontier", "digit_adapters"):
+        assert (tmp_path / f"experiments/plots/{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "experiments/plots/rank_sweep.csv").read_text().splitlines()[0] == (
+        "rank,digit_errors_alpha1,digit_errors_alpha4,accuracy_alpha1,accuracy_alpha4"
+    )
+    assert json.loads((tmp_path / "experiments/metrics.json").read_text()) == json.loads(json.dumps(summary))
+
+
+def test_report_names_the_experiments_without_results(tmp_path, monkeypatch):
+    write_fixture_results(tmp_path)
+    for path in (tmp_path / "experiments/results/seeds").iterdir():
+        path.unlink()
+    monkeypatch.chdir(tmp_path)
+    report.run()
+    text = (tmp_path / "experiments/report.md").read_text()
+    assert "## Variance over seeds" not in text and "No results yet for: seeds." in text
+
+
+def test_experiment_matrices_expand_to_every_grid_point_in_dvcs_dry_run(git_repo):
+    # A dry run hashes the dependencies, so they must exist; nothing runs, so placeholders do.
+    for path in ["models/base.safetensors", "models/adapter/adapter_config.json", *(f"data/mnist/raw/{name}" for name in MNIST_SHA256)]:
+        (git_repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (git_repo / path).write_bytes(b"placeholder")
+    output = sh(git_repo, "dvc", "repro", "--dry", "experiments/dvc.yaml")
+    stages = dict(re.findall(r"Running stage 'experiments/dvc.yaml:([^']+)':\n> (.+)", output))
+    assert {name for name in stages if name.startswith("rank_sweep@")} == {
+        f"rank_sweep@{r}-{a}" for r in (1, 2, 4, 8, 16) for a in (1, 4, 16)
+    }
+    assert stages["rank_sweep@8-4"] == "python -m tasks.trial rank_sweep/r8-a4 lora.rank=8 lora.alpha=4"
+    assert stages["digit_adapters@7"] == "python -m tasks.trial digit_adapters/digit-7 finetune.digit=7"
+    assert stages["seeds@2"] == "python -m tasks.trial seeds/seed-2 --pretrain seed=2"
+    assert stages["replay_sweep@0.05"] == "python -m tasks.trial replay_sweep/replay-0.05 finetune.replay_fraction=0.05"
+    assert sum(name.startswith("digit_adapters@") for name in stages) == 10
+    assert sum(name.startswith("seeds@") for name in stages) == 5
+    assert sum(name.startswith("replay_sweep@") for name in stages) == 6
+    assert "full_finetune" in stages and "Stage 'experiments/dvc.yaml:report'" in output
+    # The root pipeline alone is what a plain `dvc repro` runs.
+    assert "experiments/dvc.yaml" not in sh(git_repo, "dvc", "repro", "--dry")
+
+
+def test_a_queued_rank_sweep_holds_one_experiment_per_rank(git_repo):
+    sh(git_repo, "dvc", "exp", "run", "--queue", "-S", "lora.rank=1,2,4,8,16")
+    try:
+        assert sh(git_repo, "dvc", "queue", "status").count(" Queued") == 5
+        shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json", "--no-fetch"], cwd=git_repo, env=run_env(),
+                                          capture_output=True, text=True, check=True).stdout)
+        ranks = [
+            experiment["revs"][0]["data"]["params"]["params.yaml"]["data"]["lora"]["rank"]
+            for commit in shown for experiment in commit.get("experiments") or []
+        ]
+        assert sorted(ranks) == [1, 2, 4, 8, 16]
+    finally:
+        sh(git_repo, "dvc", "queue", "remove", "--all")
+
+
+@pytest.mark.slow
+def test_experiment_stages_run_on_real_mnist_and_the_report_builds_from_them(git_repo):
+    shutil.rmtree(git_repo / "experiments" / "results")  # the committed real results; only these stages' will be there
+    stages = ["digit_adapters@3", "seeds@1", "full_finetune"]
+    sh(git_repo, "dvc", "repro", *(f"experiments/dvc.yaml:{stage}" for stage in stages))
+    sh(git_repo, "dvc", "repro", "--single-item", "experiments/dvc.yaml:report")
+    results = git_repo / "experiments" / "results"
+    adapter = json.loads((results / "digit_adapters/digit-3.json").read_text())
+    assert adapter["digit"] == 3 and adapter["lora_on"]["errors_per_digit"][3] < adapter["base"]["errors_per_digit"][3]
+    assert adapter["adapter_file_bytes"] < 30_000
+    seed = json.loads((results / "seeds/seed-1.json").read_text())
+    assert seed["seed"] == 1 and seed["pretrained_here"] and seed["base"]["accuracy"] > 0.85
+    text = (git_repo / "experiments/report.md").read_text()
+    assert "## One adapter per digit" in text and "## LoRA against full fine-tuning" in text
+    assert "No results yet for: rank_sweep, replay_sweep." in text
+    status = sh(git_repo, "dvc", "status", *(f"experiments/dvc.yaml:{stage}" for stage in stages))
+    assert "up to date" in status
