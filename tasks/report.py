@@ -73,22 +73,32 @@ def frontier_points(replay_runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+# metrics key -> table heading
+SEED_COLUMNS = {
+    "base_accuracy": "base accuracy",
+    "lora_on_accuracy": "LoRA-on accuracy",
+    "target_errors_base": "target errors, base",
+    "target_errors_lora_on": "target errors, LoRA on",
+    "other_errors_added": "other digits' errors added",
+}
+
+
 def seed_table(runs: list[dict[str, Any]]) -> tuple[list[str], dict[str, tuple[float, float]]]:
     runs = sorted(runs, key=lambda r: r["seed"])
     columns = {
-        "base accuracy": [r["base"]["accuracy"] for r in runs],
-        "LoRA-on accuracy": [r["lora_on"]["accuracy"] for r in runs],
-        "target errors, base": [digit_errors(r, "base") for r in runs],
-        "target errors, LoRA on": [digit_errors(r) for r in runs],
-        "other digits' errors added": [
+        "base_accuracy": [r["base"]["accuracy"] for r in runs],
+        "lora_on_accuracy": [r["lora_on"]["accuracy"] for r in runs],
+        "target_errors_base": [digit_errors(r, "base") for r in runs],
+        "target_errors_lora_on": [digit_errors(r) for r in runs],
+        "other_errors_added": [
             other_errors(r["lora_on"]["errors_per_digit"], r["digit"]) - other_errors(r["base"]["errors_per_digit"], r["digit"])
             for r in runs
         ],
     }
-    lines = ["| seed | digit | " + " | ".join(columns) + " |", "|---:|---:|" + "---:|" * len(columns)]
+    lines = ["| seed | digit | " + " | ".join(SEED_COLUMNS.values()) + " |", "|---:|---:|" + "---:|" * len(columns)]
     for i, run in enumerate(runs):
         lines.append(f"| {run['seed']} | {run['digit']} | " + " | ".join(_fmt(values[i]) for values in columns.values()) + " |")
-    stats = {name: mean_std([float(v) for v in values]) for name, values in columns.items()}
+    stats = {key: mean_std([float(v) for v in values]) for key, values in columns.items()}
     lines.append("| **mean ± std** | | " + " | ".join(f"{_fmt(m)} ± {_fmt(s)}" for m, s in stats.values()) + " |")
     return lines, stats
 
@@ -188,8 +198,7 @@ def seeds_section(runs: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]
         *table,
         "",
     ]
-    summary = {name.replace(" ", "_").replace("'", "").replace(",", ""): {"mean": round(m, 4), "std": round(s, 4)}
-               for name, (m, s) in stats.items()}
+    summary = {key: {"mean": round(m, 4), "std": round(s, 4)} for key, (m, s) in stats.items()}
     return lines, summary
 
 
