@@ -16,18 +16,23 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     images, labels = load_data("analyze", params, "test", training=False)
     summary = summarize(labels, predict(load_base_model(params, device), images))
     worst = worst_digit(summary["errors_per_digit"])
-    forced = params["finetune"]["digit"]
     result = {
         "accuracy": summary["accuracy"],
         "errors": summary["errors"],
         "errors_per_digit": per_digit(summary["errors_per_digit"]),
         "worst_digit": worst,
-        "target_digit": worst if forced == "auto" else forced,
+        "target_digit": chosen_digit(params, summary["errors_per_digit"]),
     }
     write_json(ANALYSIS, result)
     print(f"analyze: base accuracy {result['accuracy']:.4f}; worst digit {worst} "
           f"({summary['errors_per_digit'][worst]} errors); fine-tuning digit {result['target_digit']}")
     return result
+
+
+def chosen_digit(params: dict[str, Any], errors_per_digit: list[int]) -> int:
+    """`finetune.digit` when forced, else the digit with the most errors."""
+    forced = params["finetune"]["digit"]
+    return worst_digit(errors_per_digit) if forced == "auto" else forced
 
 
 def target_digit() -> int:

@@ -13,7 +13,7 @@ import yaml
 
 from lora import AdapterLoadError, LoRAConfig, LoRAConfigError
 from lora.data import DataError, load_split, split_image_file
-from lora.files import load_tensors, save_tensors
+from lora.files import atomic_path, load_tensors, save_tensors
 from lora.mlp import OversizedMLP
 from lora.train import DeviceError
 
@@ -55,6 +55,10 @@ def _positive_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
 
 
+def _fraction(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
+
+
 # section -> key -> (check, what is allowed)
 SCHEMA: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "": {
@@ -80,14 +84,12 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "steps": (_int(1), "an integer >= 1"),
         "batch_size": (_int(1), "an integer >= 1"),
         "lr": (_positive_number, "a number > 0"),
-        "replay_fraction": (
-            lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)"
-        ),
+        "replay_fraction": (_fraction, "a number in [0, 1)"),
     },
     "lora": {
         "rank": (_int(1), "an integer >= 1"),
         "alpha": (_positive_number, "a number > 0"),
-        "dropout": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)"),
+        "dropout": (_fraction, "a number in [0, 1)"),
         "init": (lambda v: v in ("normal", "kaiming", "gaussian"), "'normal', 'kaiming' or 'gaussian'"),
         "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
         "targets": (
@@ -247,6 +249,23 @@ def load_base_model(params: dict[str, Any], device: torch.device, path: Path = B
         detail = " ".join(str(exc).split())
         raise WeightsError(f"{path}: does not fit model {params['model']} ({detail})") from None
     return model.to(device).eval()
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend: stages draw PNGs without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write ``fig`` as a PNG atomically, then free it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    pyplot().close(fig)
 
 
 def per_digit(values: list[int]) -> dict[str, int]:

@@ -5,14 +5,12 @@ before it (or from the weights file now), or when LoRA-off logits are not bit-id
 """
 from __future__ import annotations
 
-import csv
-import io
 from typing import Any
 
 import torch
 
 from lora import base_weights_sha256, disable_adapter, load_adapter
-from lora.files import atomic_path, write_json, write_text
+from lora.files import write_csv, write_json
 from lora.metrics import predict, summarize
 from lora.train import resolve_device
 
@@ -25,7 +23,9 @@ from .common import (
     load_base_model,
     load_data,
     per_digit,
+    pyplot,
     run_cli,
+    save_figure,
 )
 
 PER_DIGIT_CSV = REPORTS / "per_digit_errors.csv"
@@ -98,31 +98,20 @@ def table(base: dict[str, Any], on: dict[str, Any], off: dict[str, Any], digit: 
 
 
 def _write_reports(labels, base_logits, on_logits, base, on, off, digit) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["digit", "base", "lora_on", "lora_off"])
-    for d in range(10):
-        writer.writerow([d, base["errors_per_digit"][d], on["errors_per_digit"][d], off["errors_per_digit"][d]])
-    write_text(PER_DIGIT_CSV, buffer.getvalue())
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["actual", "base", "lora_on"])
-    writer.writerows(zip(labels.tolist(), base_logits.argmax(1).tolist(), on_logits.argmax(1).tolist()))
-    write_text(PREDICTIONS_CSV, buffer.getvalue())
+    write_csv(PER_DIGIT_CSV, [["digit", "base", "lora_on", "lora_off"]] + [
+        [d, base["errors_per_digit"][d], on["errors_per_digit"][d], off["errors_per_digit"][d]] for d in range(10)
+    ])
+    write_csv(PREDICTIONS_CSV, [["actual", "base", "lora_on"], *zip(
+        labels.tolist(), base_logits.argmax(1).tolist(), on_logits.argmax(1).tolist()
+    )])
 
     write_json(CONFUSION_JSON, {name: s["confusion"] for name, s in (("base", base), ("lora_on", on), ("lora_off", off))})
     _plot_per_digit(base, on, digit)
 
 
 def _plot_per_digit(base: dict[str, Any], on: dict[str, Any], digit: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     digits = range(10)
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(7, 3.5), dpi=100)
     ax.bar([d - 0.2 for d in digits], base["errors_per_digit"], width=0.4, label=f"base / LoRA off (acc {base['accuracy']:.3f})")
     ax.bar([d + 0.2 for d in digits], on["errors_per_digit"], width=0.4, label=f"LoRA on (acc {on['accuracy']:.3f})")
     ax.set_xticks(list(digits), [f"{d}*" if d == digit else str(d) for d in digits])
@@ -131,9 +120,7 @@ def _plot_per_digit(base: dict[str, Any], on: dict[str, Any], digit: int) -> Non
     ax.set_title("Per-digit test errors, LoRA on vs off")
     ax.legend()
     fig.tight_layout()
-    with atomic_path(PER_DIGIT_PNG) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, PER_DIGIT_PNG)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ import torch
 
 from lora import save_adapter, trainable_parameters
 from lora.files import save_tensors, write_json
-from lora.metrics import predict, summarize, worst_digit
+from lora.metrics import predict, summarize
 from lora.save_load import WEIGHTS_NAME
 from lora.train import make_optimizer, optimizer_state_bytes, resolve_device
 
+from .analyze import chosen_digit
 from .common import EXPERIMENT_MODELS, EXPERIMENT_RESULTS, load_base_model, load_data, run_cli
 from .finetune import add_adapter, train_on_digit
 
@@ -31,7 +32,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     test_images, test_labels = load_data("full_finetune", params, "test", training=False)
     lora_model, full_model = load_base_model(params, device), load_base_model(params, device)
     base = summarize(test_labels, predict(full_model, test_images))
-    digit = worst_digit(base["errors_per_digit"]) if cfg["digit"] == "auto" else cfg["digit"]
+    digit = chosen_digit(params, base["errors_per_digit"])
     add_adapter(params, lora_model)
 
     rows = {}

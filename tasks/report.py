@@ -6,16 +6,14 @@ says so instead of failing, so the report builds from any subset of the experime
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import statistics
 from pathlib import Path
 from typing import Any
 
-from lora.files import atomic_path, write_json, write_text
+from lora.files import write_csv, write_json, write_text
 
-from .common import EXPERIMENT_RESULTS, run_cli
+from .common import EXPERIMENT_RESULTS, pyplot, run_cli, save_figure
 
 PLOTS = Path("experiments/plots")
 REPORT = Path("experiments/report.md")
@@ -109,26 +107,8 @@ def _fmt(value: float) -> str:
     return f"{value:.4f}" if abs(value) < 1 else f"{value:.1f}"
 
 
-def _csv(rows: list[list[Any]]) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(rows)
-    return buffer.getvalue()
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, name: str) -> str:
-    path = PLOTS / name
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    _pyplot().close(fig)
+def _save(fig: Any, name: str) -> str:
+    save_figure(fig, PLOTS / name)
     return f"plots/{name}"
 
 
@@ -146,9 +126,9 @@ def rank_section(runs: list[dict[str, Any]]) -> list[str]:
         ]
         for rank in ranks
     ]
-    write_text(PLOTS / "rank_sweep.csv", _csv(table))
+    write_csv(PLOTS / "rank_sweep.csv", table)
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     for alpha in alphas:
         points = [(r["rank"], digit_errors(r), r["lora_on"]["accuracy"]) for r in runs if r["alpha"] == alpha]
@@ -185,7 +165,7 @@ def rank_section(runs: list[dict[str, Any]]) -> list[str]:
 
 def seeds_section(runs: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
     table, stats = seed_table(runs)
-    write_text(PLOTS / "seeds.csv", _csv(
+    write_csv(PLOTS / "seeds.csv", (
         [["seed", "base_accuracy", "lora_on_accuracy"]]
         + [[r["seed"], r["base"]["accuracy"], r["lora_on"]["accuracy"]] for r in sorted(runs, key=lambda r: r["seed"])]
     ))
@@ -205,12 +185,12 @@ def seeds_section(runs: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]
 def frontier_section(runs: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
     points = frontier_points(runs)
     front = pareto_front(points)
-    write_text(PLOTS / "frontier.csv", _csv(
+    write_csv(PLOTS / "frontier.csv", (
         [["replay_fraction", "scale", "digit_errors", "other_errors", "accuracy"]]
         + [[p["replay_fraction"], p["scale"], p["digit_errors"], p["other_errors"], p["accuracy"]] for p in points]
     ))
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for fraction in sorted({p["replay_fraction"] for p in points}):
         curve = [p for p in points if p["replay_fraction"] == fraction]
@@ -280,11 +260,11 @@ def _bytes(count: int) -> str:
 def digits_section(runs: list[dict[str, Any]]) -> list[str]:
     runs = sorted(runs, key=lambda r: r["digit"])
     changes = [[on - base for on, base in zip(r["lora_on"]["errors_per_digit"], r["base"]["errors_per_digit"])] for r in runs]
-    write_text(PLOTS / "digit_adapters.csv", _csv(
+    write_csv(PLOTS / "digit_adapters.csv", (
         [["adapter_digit"] + [f"change_digit_{d}" for d in range(10)]] + [[r["digit"], *row] for r, row in zip(runs, changes)]
     ))
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     from matplotlib.colors import SymLogNorm
 

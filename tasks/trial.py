@@ -16,10 +16,11 @@ from typing import Any
 
 from lora import base_weights_sha256, save_adapter, set_inference_scale, trainable_parameters
 from lora.files import write_json
-from lora.metrics import predict, summarize, worst_digit
+from lora.metrics import predict, summarize
 from lora.save_load import WEIGHTS_NAME
 from lora.train import resolve_device
 
+from .analyze import chosen_digit
 from .common import (
     BASE_WEIGHTS,
     EXPERIMENT_MODELS,
@@ -62,8 +63,7 @@ def run(params: dict[str, Any], name: str, overrides: dict[str, Any], pretrain: 
     else:
         model, base_file = load_base_model(params, device), BASE_WEIGHTS
     base = summarize(test_labels, predict(model, test_images))
-    forced = params["finetune"]["digit"]
-    digit = worst_digit(base["errors_per_digit"]) if forced == "auto" else forced
+    digit = chosen_digit(params, base["errors_per_digit"])
 
     sha_before = base_weights_sha256(model)
     losses = train_adapter(params, model, images, labels, digit)
@@ -75,7 +75,6 @@ def run(params: dict[str, Any], name: str, overrides: dict[str, Any], pretrain: 
         set_inference_scale(model, scale)
         summary = summarize(test_labels, predict(model, test_images))
         curve.append({"scale": scale, "accuracy": summary["accuracy"], "errors_per_digit": summary["errors_per_digit"]})
-    set_inference_scale(model, 1.0)
 
     config = lora_config(params)
     result = {
