@@ -73,9 +73,11 @@ def copy_bandwidth_gbs() -> float:
     return 2 * a.numel() * 4 / seconds / 1e9
 
 
-def project_kernels(pretrain_steps: int, repeats: int) -> dict[str, float]:
+def project_kernels(pretrain_steps: int, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """(median seconds, test accuracy after pretraining) of the project's steps, per pretraining kernel."""
     from lora import LoRAConfig, disable_adapter, inject, mark_only_lora_trainable
     from lora.data import load_split
+    from lora.fused import train_fused
     from lora.metrics import predict, summarize
     from lora.mlp import OversizedMLP
     from lora.train import train
@@ -86,14 +88,16 @@ def project_kernels(pretrain_steps: int, repeats: int) -> dict[str, float]:
     test_x, test_y = load_split(RAW, "test")
     seconds["load"] = time.perf_counter() - started
 
-    def pretrain() -> OversizedMLP:
-        torch.manual_seed(0)
-        model = OversizedMLP()
-        train(model, train_x, train_y, steps=pretrain_steps, batch_size=10, lr=1e-3, seed=0, desc="bench")
-        return model
+    trained: dict[str, OversizedMLP] = {}
+    for name, trainer in (("pretrain", train_fused), ("pretrain_torch", train)):
+        def pretrain(name=name, trainer=trainer) -> None:
+            torch.manual_seed(0)
+            trained[name] = OversizedMLP()
+            trainer(trained[name], train_x, train_y, steps=pretrain_steps, batch_size=10, lr=1e-3, seed=0, desc="bench")
 
-    seconds["pretrain"] = median_seconds(pretrain, max(1, repeats // 3))
-    model = pretrain()
+        seconds[name] = median_seconds(pretrain, max(1, repeats // 3))
+    accuracy = {name: summarize(test_y, predict(model, test_x))["accuracy"] for name, model in trained.items()}
+    model = trained["pretrain"]
     seconds["test_base"] = median_seconds(lambda: summarize(test_y, predict(model, test_x)), repeats)
     only = train_y == 9
 
@@ -114,7 +118,7 @@ def project_kernels(pretrain_steps: int, repeats: int) -> dict[str, float]:
             summarize(test_y, predict(model, test_x))
 
     seconds["test_lora_off"] = median_seconds(test_off, repeats)
-    return seconds
+    return seconds, accuracy
 
 
 def pipeline_repo(tmp: Path, pretrain_steps: int | None, env: dict[str, str]) -> Path:
@@ -152,7 +156,7 @@ def main() -> None:
         seed_cmd += ["--pretrain-steps", str(args.pretrain_steps)]
     seed_wall, seed_rss, seed_out = run_measured(seed_cmd, ROOT, env)
     seed = json.loads(seed_out.strip().splitlines()[-1])
-    ours = project_kernels(steps, args.repeats)
+    ours, accuracy = project_kernels(steps, args.repeats)
 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         repo = pipeline_repo(Path(tmp), args.pretrain_steps, env)
@@ -173,24 +177,35 @@ def main() -> None:
                     run_measured(["dvc", "exp", "run", "--temp", "-S", f"lora.rank={next(ranks)}"], repo, env)
                 sweep[k] = time.perf_counter() - started
 
-    params = 2_807_010
-    traffic_mb = 4 * params * 4 / 1e6  # weights, gradients, two Adam moments (float32)
+    weights, input_grad_weights = 2_807_010, 2_020_000  # all parameters; linear2 and linear3 (their input gradients)
+    traffic_mb = {  # float32 bytes read or written per step, if nothing stayed in cache
+        # forward reads the weights, backward reads two and writes every gradient, Adam reads p, g, m, v and writes p, m, v
+        "pretrain_torch": 4 * (9 * weights + input_grad_weights) / 1e6,
+        # input gradients read two weights; the kernel reads and writes p, m, v (the next forward rides along)
+        "pretrain": 4 * (6 * weights + input_grad_weights) / 1e6,
+    }
     bandwidth = copy_bandwidth_gbs()
-    step_ms = 1e3 * ours["pretrain"] / steps
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), copy bandwidth {bandwidth:.1f} GB/s; pretrain {steps} steps")
+          f"({torch.get_num_threads()} threads), copy bandwidth {bandwidth:.1f} GB/s (bytes read + written); "
+          f"pretrain {steps} steps")
     print()
     print("| step | seed notebook (s) | this project (s) | ratio |")
     print("|---|---:|---:|---:|")
-    for key, label in (("pretrain", "pretrain"), ("test_base", "test set, base"), ("finetune_100", "100 LoRA steps"),
+    for key, label in (("pretrain", "pretrain (fused kernel, the CPU default)"),
+                       ("pretrain_torch", "pretrain (`kernel: torch`: autograd + torch's fused Adam)"),
+                       ("test_base", "test set, base"), ("finetune_100", "100 LoRA steps"),
                        ("test_lora_on", "test set, LoRA on"), ("test_lora_off", "test set, LoRA off")):
-        print(f"| {label} | {seed['seconds'][key]:.2f} | {ours[key]:.3f} | {ours[key] / seed['seconds'][key]:.3f} |")
+        seed_key = "pretrain" if key == "pretrain_torch" else key
+        print(f"| {label} | {seed['seconds'][seed_key]:.2f} | {ours[key]:.3f} | {ours[key] / seed['seconds'][seed_key]:.3f} |")
     print(f"| end to end: notebook process vs `dvc repro` (data present) | {seed_wall:.1f} | {repro_wall:.1f} | "
           f"{repro_wall / seed_wall:.3f} |")
     print()
-    print(f"pretrain: {step_ms:.2f} ms/step; a step reads and writes about {traffic_mb:.0f} MB "
-          f"(weights, gradients, two Adam moments), {2 * traffic_mb / 1e3 / bandwidth * 1e3:.2f} ms at the copy "
-          f"bandwidth above (the floor if nothing stayed in cache); seed notebook peak RSS {seed_rss:.0f} MB")
+    for key, label in (("pretrain", "fused kernel"), ("pretrain_torch", "torch")):
+        step_ms = 1e3 * ours[key] / steps
+        floor_ms = traffic_mb[key] / 1e3 / bandwidth * 1e3
+        print(f"pretrain, {label}: {step_ms:.2f} ms/step, test accuracy {accuracy[key]:.4f}; a step moves about "
+              f"{traffic_mb[key]:.0f} MB, {floor_ms:.2f} ms at the copy bandwidth ({step_ms / floor_ms:.1f}x that floor)")
+    print(f"seed notebook: test accuracy {seed['accuracy']:.4f}, peak RSS {seed_rss:.0f} MB")
     print()
     print("| stage (own process) | wall (s) | start-up: imports (s) | peak RSS (MB) |")
     print("|---|---:|---:|---:|")

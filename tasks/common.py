@@ -14,6 +14,7 @@ import yaml
 from lora import AdapterLoadError, LoRAConfig, LoRAConfigError
 from lora.data import DataError, load_split, split_image_file
 from lora.files import atomic_path, load_tensors, save_tensors
+from lora.fused import KERNELS, KernelUnavailable
 from lora.mlp import OversizedMLP
 from lora.train import DeviceError
 
@@ -78,6 +79,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "batch_size": (_int(1), "an integer >= 1"),
         "lr": (_positive_number, "a number > 0"),
         "max_steps": (lambda v: v is None or _int(1)(v), "null or an integer >= 1"),
+        "kernel": (lambda v: v in KERNELS, "'auto', 'fused' or 'torch'"),
     },
     "finetune": {
         "digit": (lambda v: v == "auto" or (_int(0)(v) and v <= 9), "'auto' or a digit 0-9"),
@@ -273,7 +275,7 @@ def per_digit(values: list[int]) -> dict[str, int]:
     return {str(digit): value for digit, value in enumerate(values)}
 
 
-def log_losses(name: str, losses: torch.Tensor) -> None:
+def log_losses(name: str, losses: torch.Tensor, **summary: Any) -> None:
     """Per-step training loss as a dvclive curve (dvclive/<name>/plots/metrics/loss.tsv) plus a summary."""
     from dvclive import Live
 
@@ -282,9 +284,11 @@ def log_losses(name: str, losses: torch.Tensor) -> None:
             live.step = step  # one write per row; next_step() would rewrite the summary every step
             live.log_metric("loss", round(loss, 6), timestamp=False)
         live.summary["loss_mean_last_100"] = round(float(losses[-100:].mean()), 6)
+        live.summary.update(summary)
 
 
-EXPECTED_ERRORS = (ParamsError, WeightsError, ResourceError, IntegrityError, DataError, DeviceError, AdapterLoadError, LoRAConfigError)
+EXPECTED_ERRORS = (ParamsError, WeightsError, ResourceError, IntegrityError, DataError, DeviceError, AdapterLoadError, LoRAConfigError,
+                   KernelUnavailable)
 
 
 def run_cli(stage: Callable[[dict[str, Any]], Any]) -> None:

@@ -57,7 +57,7 @@ def run(params: dict[str, Any], name: str, overrides: dict[str, Any], pretrain: 
     out = EXPERIMENT_MODELS / name
 
     if pretrain:
-        model, _ = pretrain_model(params, device, images, labels)
+        model, _, _ = pretrain_model(params, device, images, labels)
         base_file = out / "base.safetensors"
         save_base_model(model, base_file)
     else:

@@ -25,6 +25,7 @@ def test_the_shipped_params_are_valid():
         ("finetune.digit", 10, "finetune.digit=10 is invalid: 'auto' or a digit 0-9 is allowed"),
         ("finetune.digit", "nine", "finetune.digit='nine' is invalid"),
         ("pretrain.batch_size", 0, "pretrain.batch_size=0 is invalid"),
+        ("pretrain.kernel", "gpu", "pretrain.kernel='gpu' is invalid: 'auto', 'fused' or 'torch' is allowed"),
         ("finetune.steps", 2.5, "finetune.steps=2.5 is invalid"),
         ("lora.targets", ["linear4"], "lora.targets=\\['linear4'\\] is invalid"),
         ("lora.init", "xavier", "lora.init='xavier' is invalid"),

@@ -1,0 +1,112 @@
+"""The fused CPU kernel (lora/fused.py): torch's Adam math, deterministic, built once, refused clearly."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora import fused
+from lora.fused import KernelUnavailable, resolve_kernel, train_fused
+from lora.mlp import OversizedMLP
+from lora.train import train
+
+CPU = torch.device("cpu")
+
+
+def _train_both(batch_size: int, samples: int, steps: int = 25) -> tuple[tuple[OversizedMLP, torch.Tensor], ...]:
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(samples, 1, 28, 28, generator=generator)
+    labels = torch.randint(0, 10, (samples,), generator=generator)
+    runs = []
+    for trainer in (train_fused, train):
+        torch.manual_seed(0)
+        model = OversizedMLP(hidden_1=37, hidden_2=50)  # sizes off the kernel's vector width: its tails run too
+        losses = trainer(model, images, labels, steps=steps, batch_size=batch_size, lr=1e-3, seed=0, desc="test")
+        runs.append((model, losses))
+    return tuple(runs)
+
+
+@pytest.mark.parametrize("batch_size,samples", [(10, 200), (1, 37), (17, 203), (3, 50)])
+def test_fused_training_follows_autograd_and_torch_adam_to_float_rounding(batch_size: int, samples: int) -> None:
+    (fused_model, fused_losses), (torch_model, torch_losses) = _train_both(batch_size, samples)
+    assert fused_losses.shape == torch_losses.shape == (25,)
+    torch.testing.assert_close(fused_losses, torch_losses, rtol=0, atol=1e-5)
+    for name, parameter in fused_model.named_parameters():
+        torch.testing.assert_close(parameter, dict(torch_model.named_parameters())[name], rtol=0, atol=1e-4, msg=name)
+    assert not torch.equal(fused_model.linear2.weight, OversizedMLP(37, 50).linear2.weight)  # it did train
+
+
+def test_fused_training_is_deterministic() -> None:
+    first, second = _train_both(10, 200)[0], _train_both(10, 200)[0]
+    assert torch.equal(first[1], second[1])
+    assert all(torch.equal(a, b) for a, b in zip(first[0].parameters(), second[0].parameters()))
+
+
+def test_fused_training_refuses_a_model_with_frozen_parameters() -> None:
+    model = OversizedMLP(hidden_1=8, hidden_2=8)
+    model.linear1.weight.requires_grad_(False)
+    with pytest.raises(KernelUnavailable, match="every parameter trainable"):
+        train_fused(model, torch.rand(4, 784), torch.zeros(4, dtype=torch.long), steps=1, batch_size=2, lr=1e-3, seed=0)
+
+
+def test_auto_picks_the_fused_kernel_on_cpu_and_torch_elsewhere() -> None:
+    assert resolve_kernel("auto", CPU) == "fused"
+    assert resolve_kernel("torch", CPU) == "torch"
+    assert resolve_kernel("auto", torch.device("cuda")) == "torch"
+    with pytest.raises(KernelUnavailable, match="kernel='fused' runs on CPU only"):
+        resolve_kernel("fused", torch.device("cuda"))
+    with pytest.raises(ValueError, match="kernel='gpu' is invalid: one of auto, fused, torch is allowed"):
+        resolve_kernel("gpu", CPU)
+
+
+@pytest.fixture
+def fresh_build(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """An empty kernel cache and no library loaded in this process; restored afterwards."""
+    monkeypatch.setenv("LORA_KERNEL_CACHE", str(tmp_path / "cache"))
+    fused._library.cache_clear()
+    yield tmp_path / "cache"
+    fused._library.cache_clear()
+
+
+def test_the_kernel_is_built_once_into_the_cache(fresh_build) -> None:
+    first = fused._build()
+    assert first.parent == fresh_build and first.suffix == ".so"
+    built_at = first.stat().st_mtime_ns
+    assert fused._build() == first and first.stat().st_mtime_ns == built_at
+    assert [p.name for p in fresh_build.iterdir()] == [first.name]  # no temporary left behind
+
+
+def test_without_a_compiler_auto_falls_back_and_fused_says_why(fresh_build, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", "no-such-compiler")
+    assert resolve_kernel("auto", CPU) == "torch"
+    with pytest.raises(KernelUnavailable, match="needs a C compiler: 'no-such-compiler' is not on PATH"):
+        resolve_kernel("fused", CPU)
+
+
+def test_a_failing_compiler_is_one_line_and_leaves_no_library(fresh_build, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    compiler = tmp_path / "cc"
+    compiler.write_text("#!/bin/sh\necho 'cc: error: unrecognized option -fopenmp' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    with pytest.raises(KernelUnavailable) as error:
+        resolve_kernel("fused", CPU)
+    assert str(error.value) == f"kernel='fused' could not be compiled with {compiler}: cc: error: unrecognized option -fopenmp"
+    assert not any(fresh_build.rglob("*"))
+
+
+def test_fused_results_do_not_depend_on_the_thread_count() -> None:
+    generator = torch.Generator().manual_seed(2)
+    images, labels = torch.rand(300, 784, generator=generator), torch.randint(0, 10, (300,), generator=generator)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            torch.manual_seed(0)
+            model = OversizedMLP(hidden_1=100, hidden_2=200)
+            losses = train_fused(model, images, labels, steps=40, batch_size=10, lr=1e-3, seed=0)
+            runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+    finally:
+        torch.set_num_threads(threads)
+    for losses, parameters in runs[1:]:
+        assert torch.equal(losses, runs[0][0])
+        assert all(torch.equal(a, b) for a, b in zip(parameters, runs[0][1]))
