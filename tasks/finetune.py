@@ -8,7 +8,7 @@ import torch
 from lora import base_weights_sha256, inject, mark_only_lora_trainable, save_adapter, trainable_parameters
 from lora.files import write_json
 from lora.save_load import WEIGHTS_NAME
-from lora.train import finetune_selection, resolve_device, train
+from lora.train import Adam, finetune_selection, resolve_device, train
 
 from .analyze import target_digit
 from .common import ADAPTER_DIR, FINETUNE_METRICS, load_base_model, load_data, log_losses, lora_config, run_cli
@@ -28,7 +28,7 @@ def add_adapter(params: dict[str, Any], model: torch.nn.Module) -> None:
 
 def train_on_digit(
     params: dict[str, Any], model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, digit: int,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Adam | None = None,
 ) -> torch.Tensor:
     """Train ``model``'s trainable parameters on the fine-tuning set of ``digit``; returns per-step losses."""
     cfg = params["finetune"]

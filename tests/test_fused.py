@@ -1,13 +1,18 @@
-"""The fused CPU kernel (lora/fused.py): torch's Adam math, deterministic, built once, refused clearly."""
+"""Training kernels: the fused CPU kernel (lora/fused.py) follows torch's Adam, is deterministic, is built once and
+refused clearly; lora.train.Adam is torch.optim.Adam(fused=True) bit for bit."""
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import torch
+from torch import nn
 
 from lora import fused
 from lora.fused import KernelUnavailable, resolve_kernel, train_fused
 from lora.mlp import OversizedMLP
-from lora.train import train
+from lora.train import Adam, train
 
 CPU = torch.device("cpu")
 
@@ -110,3 +115,32 @@ def test_fused_results_do_not_depend_on_the_thread_count() -> None:
     for losses, parameters in runs[1:]:
         assert torch.equal(losses, runs[0][0])
         assert all(torch.equal(a, b) for a, b in zip(parameters, runs[0][1]))
+
+
+def test_adam_equals_torch_optim_adam_fused_bit_for_bit() -> None:
+    torch.manual_seed(0)
+    ours, reference = OversizedMLP(hidden_1=30, hidden_2=20), OversizedMLP(hidden_1=30, hidden_2=20)
+    reference.load_state_dict(ours.state_dict())
+    for model in (ours, reference):
+        model.linear1.bias.requires_grad_(False)  # a frozen parameter is skipped by both
+    optimizers = [Adam([p for p in ours.parameters() if p.requires_grad], lr=1e-2),
+                  torch.optim.Adam([p for p in reference.parameters() if p.requires_grad], lr=1e-2, fused=True)]
+    generator = torch.Generator().manual_seed(3)
+    images, labels = torch.rand(40, 784, generator=generator), torch.randint(0, 10, (40,), generator=generator)
+    for step in range(30):
+        batch = slice(step % 4 * 10, step % 4 * 10 + 10)
+        for model, optimizer in zip((ours, reference), optimizers):
+            nn.functional.cross_entropy(model(images[batch]), labels[batch]).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), reference.parameters()))
+    state_bytes = [sum(t.numel() * t.element_size() for s in o.state.values() for t in s.values()) for o in optimizers]
+    assert state_bytes[0] == state_bytes[1]
+
+
+def test_training_with_lora_train_does_not_import_torch_dynamo() -> None:
+    code = ("import sys, torch; from lora.mlp import OversizedMLP; from lora.train import train; "
+            "train(OversizedMLP(8, 8), torch.rand(20, 784), torch.zeros(20, dtype=torch.long), steps=3, batch_size=10, "
+            "lr=1e-3, seed=0); print('torch._dynamo' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
