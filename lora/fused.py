@@ -143,14 +143,18 @@ def _build() -> Path:
     target = _cache_dir() / f"linear_adam-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
-        if result.returncode != 0:
-            first = (result.stderr.strip().splitlines() or ["no output"])[0]
-            raise KernelUnavailable(f"kernel='fused' could not be compiled with {compiler}: {first}")
-        os.replace(built, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
+            if result.returncode != 0:
+                first = (result.stderr.strip().splitlines() or ["no output"])[0]
+                raise KernelUnavailable(f"kernel='fused' could not be compiled with {compiler}: {first}")
+            os.replace(built, target)
+    except OSError as exc:
+        raise KernelUnavailable(f"kernel='fused' could not be cached in {target.parent} ({exc.strerror}); "
+                                "set $LORA_KERNEL_CACHE to a writable directory") from None
     return target
 
 

@@ -144,3 +144,12 @@ def test_training_with_lora_train_does_not_import_torch_dynamo() -> None:
             "lr=1e-3, seed=0); print('torch._dynamo' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_an_unwritable_cache_is_one_line_naming_the_variable(fresh_build, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("LORA_KERNEL_CACHE", str(blocker / "cache"))
+    with pytest.raises(KernelUnavailable, match=r"could not be cached in .*a-file/cache \(Not a directory\); set \$LORA_KERNEL_CACHE"):
+        resolve_kernel("fused", CPU)
+    assert resolve_kernel("auto", CPU) == "torch"
