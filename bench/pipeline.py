@@ -5,10 +5,8 @@
 
 1. The seed notebook as written (bench/seed_notebook.py) runs end to end in a subprocess and reports each
    step's time.
-2. The project's stage kernels run in this process on the same data and hyper-parameters: pretraining with
-   each kernel (fused, torch), evaluation of the test set (base, LoRA on, LoRA off), 100 LoRA steps; medians
-   over --repeats. Then pretraining steps of the seed's loop and of both kernels in alternating chunks, for
-   ratios that the machine's slow and fast phases cannot skew.
+2. The project's stage kernels run in this process on the same data and hyper-parameters: pretraining,
+   evaluation of the test set (base, LoRA on, LoRA off), 100 LoRA steps; medians over --repeats.
 3. `dvc repro` of the whole pipeline (data already downloaded) in a temporary git repo, then each stage
    again as its own process for wall time, start-up (imports) and peak memory.
 4. Cost growth: k = 1, 2, 4 LoRA configurations as `dvc exp run --temp` (pretrain comes from DVC's cache).
@@ -123,31 +121,6 @@ def project_kernels(pretrain_steps: int, repeats: int) -> tuple[dict[str, float]
     return seconds, accuracy
 
 
-def interleaved_pretrain(chunk: int, rounds: int) -> dict[str, list[float]]:
-    """Seconds per pretraining step of the seed notebook's loop and of both kernels, timed in alternating chunks
-    of ``chunk`` steps: a shared machine's slow and fast phases then hit all three alike."""
-    from bench import seed_notebook
-    from lora.data import load_split
-    from lora.fused import train_fused
-    from lora.mlp import OversizedMLP
-    from lora.train import train
-
-    train_x, train_y = load_split(RAW, "train")
-    seed_loader, _ = seed_notebook.loaders(seed_notebook.torchvision_root(RAW))
-    torch.manual_seed(0)
-    models = {"seed": seed_notebook.Desperdicio(), "pretrain": OversizedMLP(), "pretrain_torch": OversizedMLP()}
-    runs = {
-        "seed": lambda: seed_notebook.train(seed_loader, models["seed"], total_iterations_limit=chunk),
-        "pretrain": lambda: train_fused(models["pretrain"], train_x, train_y, steps=chunk, batch_size=10, lr=1e-3, seed=0),
-        "pretrain_torch": lambda: train(models["pretrain_torch"], train_x, train_y, steps=chunk, batch_size=10, lr=1e-3, seed=0),
-    }
-    per_step: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            per_step[name].append(median_seconds(run, 1) / chunk)
-    return per_step
-
-
 def pipeline_repo(tmp: Path, pretrain_steps: int | None, env: dict[str, str]) -> Path:
     import yaml
 
@@ -172,7 +145,6 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=None, help="cap pretraining (default: 1 epoch, 6000 steps)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-sweep", action="store_true")
-    parser.add_argument("--interleaved-rounds", type=int, default=4, help="rounds of 500 alternating pretraining steps")
     args = parser.parse_args()
     steps = args.pretrain_steps or 6000
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", MNIST_SOURCE_DIR=str(RAW),
@@ -185,7 +157,6 @@ def main() -> None:
     seed_wall, seed_rss, seed_out = run_measured(seed_cmd, ROOT, env)
     seed = json.loads(seed_out.strip().splitlines()[-1])
     ours, accuracy = project_kernels(steps, args.repeats)
-    interleaved = interleaved_pretrain(500, args.interleaved_rounds)
 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         repo = pipeline_repo(Path(tmp), args.pretrain_steps, env)
@@ -228,16 +199,6 @@ def main() -> None:
         print(f"| {label} | {seed['seconds'][seed_key]:.2f} | {ours[key]:.3f} | {ours[key] / seed['seconds'][seed_key]:.3f} |")
     print(f"| end to end: notebook process vs `dvc repro` (data present) | {seed_wall:.1f} | {repro_wall:.1f} | "
           f"{repro_wall / seed_wall:.3f} |")
-    print()
-    print(f"Pretraining per step, timed in alternating chunks of 500 steps ({args.interleaved_rounds} rounds of seed, "
-          "fused, torch), so that the machine's slow and fast phases hit all three:")
-    print()
-    print("| pretraining step | seed notebook (ms) | this project (ms) | ratio of totals | ratio per round, min–max |")
-    print("|---|---:|---:|---:|---:|")
-    for key, label in (("pretrain", "fused kernel"), ("pretrain_torch", "`kernel: torch`")):
-        rounds = [ours_s / seed_s for ours_s, seed_s in zip(interleaved[key], interleaved["seed"])]
-        print(f"| {label} | {1e3 * statistics.mean(interleaved['seed']):.2f} | {1e3 * statistics.mean(interleaved[key]):.2f} | "
-              f"{sum(interleaved[key]) / sum(interleaved['seed']):.3f} | {min(rounds):.3f}–{max(rounds):.3f} |")
     print()
     for key, label in (("pretrain", "fused kernel"), ("pretrain_torch", "torch")):
         step_ms = 1e3 * ours[key] / steps
