@@ -57,6 +57,30 @@ def test_pretrain_writes_weights_and_a_per_step_loss_curve_deterministically(pro
     assert torch.equal(first["losses"], second["losses"]) and BASE_WEIGHTS.read_bytes() == weights
 
 
+@pytest.mark.parametrize("kernel", ["fused", "torch"])
+def test_pretrain_records_the_kernel_it_trained_with(project, kernel):
+    set_params(project / "params.yaml", **{"pretrain.kernel": kernel})
+    assert pretrain.run(load_params())["kernel"] == kernel
+    summary = json.loads((project / "dvclive" / "pretrain" / "metrics.json").read_text())
+    assert summary["kernel"] == kernel
+
+
+def test_pretrain_auto_kernel_falls_back_to_torch_without_a_compiler(project, monkeypatch, tmp_path):
+    from lora import fused
+
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv("LORA_KERNEL_CACHE", str(tmp_path / "empty-cache"))
+    fused._library.cache_clear()
+    try:
+        assert pretrain.run(load_params())["kernel"] == "torch"
+        set_params(project / "params.yaml", **{"pretrain.kernel": "fused"})
+        result = subprocess.run([sys.executable, "-m", "tasks.pretrain"], cwd=project, capture_output=True, text=True)
+    finally:
+        fused._library.cache_clear()
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == ("error: kernel='fused' needs a C compiler: 'no-such-compiler' is not on PATH")
+
+
 def test_analyze_picks_the_worst_digit_automatically_or_the_forced_one(project):
     pretrain.run(load_params())
     result = analyze.run(load_params())
