@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from lora.data import DataError
 from lora.files import write_csv, write_json, write_text
 
 from .common import EXPERIMENT_RESULTS, pyplot, run_cli, save_figure
@@ -25,7 +26,13 @@ def load_results(results: Path = EXPERIMENT_RESULTS) -> dict[str, list[dict[str,
     groups: dict[str, list[dict[str, Any]]] = {}
     for path in sorted(results.rglob("*.json")):
         group = path.parent.name if path.parent != results else path.stem
-        groups.setdefault(group, []).append(json.loads(path.read_text()))
+        try:
+            result = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: not valid JSON ({exc}); `dvc repro experiments/dvc.yaml` re-runs the stage that writes it") from None
+        if not isinstance(result, dict) or "digit" not in result:
+            raise DataError(f"{path}: not an experiment result (no 'digit'); `dvc repro experiments/dvc.yaml` re-runs the stage that writes it")
+        groups.setdefault(group, []).append(result)
     return groups
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora.data import MNIST_SHA256
+from lora.data import MNIST_SHA256, DataError
 from lora.files import file_sha256
 from lora.mlp import OversizedMLP
 from tasks import full_finetune, pretrain, report, trial
@@ -168,6 +168,17 @@ def test_report_names_the_experiments_without_results(tmp_path, monkeypatch):
     report.run()
     text = (tmp_path / "experiments/report.md").read_text()
     assert "## Variance over seeds" not in text and "No results yet for: seeds." in text
+
+
+@pytest.mark.parametrize("damage, problem", [("{\"digit\": 1, \"base\"", "not valid JSON"), ("[1, 2]", "not an experiment result")])
+def test_a_damaged_result_file_stops_the_report_in_one_line_before_writing(tmp_path, monkeypatch, damage, problem):
+    write_fixture_results(tmp_path)
+    (tmp_path / "experiments/results/seeds/seed-1.json").write_text(damage)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=f"^experiments/results/seeds/seed-1.json: {problem}.*dvc repro experiments/dvc.yaml") as error:
+        report.run()
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "experiments/report.md").exists()
 
 
 def test_experiment_matrices_expand_to_every_grid_point_in_dvcs_dry_run(git_repo):
