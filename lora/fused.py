@@ -27,13 +27,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .mlp import OversizedMLP
-from .train import batch_order
+from .train import ADAM_BETAS, ADAM_EPS, batch_order
 
 KERNELS = ("auto", "fused", "torch")
 SOURCE = Path(__file__).with_name("kernels") / "linear_adam.c"
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
-BETAS = (0.9, 0.999)
-EPS = 1e-8
 
 
 class KernelUnavailable(RuntimeError):
@@ -72,6 +70,8 @@ def train_fused(
     each layer's weight gradient, Adam update and next forward in one kernel call; returns every step's loss."""
     if images.shape[0] == 0:
         raise ValueError("no training samples: the selected data is empty")
+    if images.dtype != torch.float32 or images.device.type != "cpu":
+        raise ValueError(f"kernel='fused' needs float32 CPU images, not {images.dtype} on {images.device}")
     layers = [model.linear1, model.linear2, model.linear3]
     if any(p.device.type != "cpu" or p.dtype != torch.float32 or not p.requires_grad or not p.is_contiguous()
            for p in model.parameters()):
@@ -108,7 +108,7 @@ def train_fused(
                 library.linear_adam_step(
                     *_ptrs(layer.weight, layer.bias, *layer_moments, layer_input, grad_out, scratch, next_input, next_output),
                     len(y), 0 if next_x is None else len(next_x), layer.in_features, layer.out_features, layer_relu,
-                    threads, lr, *BETAS, EPS, step,
+                    threads, lr, *ADAM_BETAS, ADAM_EPS, step,
                 )
                 activations.append(next_output)
     return losses

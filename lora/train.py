@@ -8,6 +8,9 @@ from torch import nn
 from tqdm import tqdm
 
 
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which the seed notebook used
+
+
 class DeviceError(ValueError):
     """The requested device does not exist on this machine."""
 
@@ -109,8 +112,8 @@ class Adam:
     torch.optim's constructor imports torch._dynamo, about a second in every process that trains; this
     calls the kernel directly. ``state`` holds, per parameter, a step count and the two moments."""
 
-    def __init__(self, params: list[nn.Parameter], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8) -> None:
+    def __init__(self, params: list[nn.Parameter], lr: float, betas: tuple[float, float] = ADAM_BETAS,
+                 eps: float = ADAM_EPS) -> None:
         self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
         self.state = {
             p: {"step": torch.zeros((), device=p.device), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}

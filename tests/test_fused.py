@@ -53,6 +53,12 @@ def test_fused_training_refuses_a_model_with_frozen_parameters() -> None:
         train_fused(model, torch.rand(4, 784), torch.zeros(4, dtype=torch.long), steps=1, batch_size=2, lr=1e-3, seed=0)
 
 
+def test_fused_training_refuses_images_that_are_not_float32() -> None:
+    with pytest.raises(ValueError, match="needs float32 CPU images, not torch.float64 on cpu"):
+        train_fused(OversizedMLP(hidden_1=8, hidden_2=8), torch.rand(4, 784, dtype=torch.float64),
+                    torch.zeros(4, dtype=torch.long), steps=1, batch_size=2, lr=1e-3, seed=0)
+
+
 def test_auto_picks_the_fused_kernel_on_cpu_and_torch_elsewhere() -> None:
     assert resolve_kernel("auto", CPU) == "fused"
     assert resolve_kernel("torch", CPU) == "torch"
