@@ -26,12 +26,13 @@ def load_results(results: Path = EXPERIMENT_RESULTS) -> dict[str, list[dict[str,
     groups: dict[str, list[dict[str, Any]]] = {}
     for path in sorted(results.rglob("*.json")):
         group = path.parent.name if path.parent != results else path.stem
+        rebuild = "`dvc repro experiments/dvc.yaml` re-runs the stage that writes it"
         try:
             result = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"{path}: not valid JSON ({exc}); `dvc repro experiments/dvc.yaml` re-runs the stage that writes it") from None
+            raise DataError(f"{path}: not valid JSON ({exc}); {rebuild}") from None
         if not isinstance(result, dict) or "digit" not in result:
-            raise DataError(f"{path}: not an experiment result (no 'digit'); `dvc repro experiments/dvc.yaml` re-runs the stage that writes it")
+            raise DataError(f"{path}: not an experiment result (no 'digit'); {rebuild}")
         groups.setdefault(group, []).append(result)
     return groups
 
@@ -189,8 +190,8 @@ def seeds_section(runs: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]
     return lines, summary
 
 
-def frontier_section(runs: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
-    points = frontier_points(runs)
+def frontier_section(runs: list[dict[str, Any]], points: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The section for the replay runs and their ``frontier_points``; returns it with the Pareto front."""
     front = pareto_front(points)
     write_csv(PLOTS / "frontier.csv", (
         [["replay_fraction", "scale", "digit_errors", "other_errors", "accuracy"]]
@@ -334,12 +335,13 @@ def run(params: dict[str, Any] | None = None) -> dict[str, Any]:
         seed_lines, summary["seeds"] = seeds_section(groups["seeds"])
         lines += seed_lines
     if "replay_sweep" in groups:
-        frontier_lines, front = frontier_section(groups["replay_sweep"])
+        points = frontier_points(groups["replay_sweep"])
+        frontier_lines, front = frontier_section(groups["replay_sweep"], points)
         lines += frontier_lines
         summary["frontier"] = {"points": len(front), "max_accuracy": max(p["accuracy"] for p in front)}
         summary["replay_sweep"] = {
             f"replay-{p['replay_fraction']:g}": {k: p[k] for k in ("digit_errors", "other_errors", "accuracy")}
-            for p in frontier_points(groups["replay_sweep"]) if p["scale"] == 1.0
+            for p in points if p["scale"] == 1.0
         }
     if "full_finetune" in groups:
         full = groups["full_finetune"][0]
