@@ -72,27 +72,99 @@ def train(
     seed: int,
     desc: str = "train",
     optimizer: Adam | None = None,
+    cuda_graph: bool = True,
 ) -> torch.Tensor:
     """Adam on cross-entropy over seeded batches of (images, labels); returns the loss of every step (CPU).
 
-    Pass ``optimizer`` (from :func:`make_optimizer`) to inspect its state afterwards; ``lr`` is then unused."""
+    Pass ``optimizer`` (from :func:`make_optimizer`) to inspect its state afterwards; ``lr`` is then unused.
+    On CUDA the steps are replayed from a CUDA graph unless ``cuda_graph`` is False (same numbers)."""
     if images.shape[0] == 0:
         raise ValueError("no training samples: the selected data is empty")
     device = next(model.parameters()).device
     images, labels = images.to(device), labels.to(device)
     optimizer = optimizer or make_optimizer(model, lr)
-    loss_fn = nn.CrossEntropyLoss()
-    losses = torch.empty(steps, device=device)
+    batches = batch_order(images.shape[0], batch_size, steps, seed)
     model.train()
-    for step, index in enumerate(tqdm(batch_order(images.shape[0], batch_size, steps, seed), desc=desc, disable=None)):
-        index = index.to(device)
-        loss = loss_fn(model(images[index]), labels[index])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses[step] = loss.detach()
+    if device.type == "cuda" and cuda_graph:
+        losses = _train_graphed(model, images, labels, batches, batch_size, optimizer, desc)
+    else:
+        loss_fn = nn.CrossEntropyLoss()
+        losses = torch.empty(steps, device=device)
+        for step, index in enumerate(tqdm(batches, desc=desc, disable=None)):
+            index = index.to(device)
+            loss = loss_fn(model(images[index]), labels[index])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[step] = loss.detach()
     model.eval()
     return losses.cpu()
+
+
+# Optimizer steps recorded in one CUDA graph. An H200 epoch took the same time with 5 or 20 (1.32 s; 1 step: 1.64 s,
+# 200: 1.71 s), and fewer steps are quicker to capture and leave a shorter eager tail in short runs.
+GRAPH_STEPS = 5
+GRAPH_WARMUP = 3  # eager steps first, so that lazy CUDA set-up (cuBLAS handles, workspaces) is not captured
+
+
+def graph_plan(batch_lengths: list[int], batch_size: int, chunk: int, warmup: int) -> list[tuple[int, int, bool]]:
+    """Runs of steps as (first step, number of steps, replayed from a graph?): a graph has fixed shapes, so
+    it replays ``chunk`` full batches at a time; the warm-up steps and any short batch run eagerly."""
+    plan, step = [], 0
+    while step < len(batch_lengths):
+        run = batch_lengths[step : step + chunk]
+        if step >= warmup and len(run) == chunk and all(length == batch_size for length in run):
+            plan.append((step, chunk, True))
+            step += chunk
+        else:
+            plan.append((step, 1, False))
+            step += 1
+    return plan
+
+
+def _train_graphed(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batches: list[torch.Tensor],
+                   batch_size: int, optimizer: Adam, desc: str) -> torch.Tensor:
+    """The same steps as the eager loop, replayed GRAPH_STEPS at a time from one CUDA graph (launch overhead,
+    not arithmetic, bounds a batch of 10 on a GPU). Gradients live in fixed buffers that every step zeroes and
+    backward accumulates into (0 + g is g exactly), so eager and replayed steps compute the same numbers."""
+    device = images.device
+    for p in optimizer.params:
+        p.grad = torch.zeros_like(p)
+
+    def step(index: torch.Tensor) -> torch.Tensor:
+        for p in optimizer.params:
+            p.grad.zero_()
+        loss = nn.functional.cross_entropy(model(images[index]), labels[index])
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    flat = torch.cat(batches).to(device)
+    offsets = [0]
+    for index in batches:
+        offsets.append(offsets[-1] + len(index))
+    losses = torch.empty(len(batches), device=device)
+    static_index = torch.empty((GRAPH_STEPS, batch_size), dtype=torch.long, device=device)
+    graph = None
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), tqdm(total=len(batches), desc=desc, disable=None) as progress:
+        for first, count, replayed in graph_plan([len(index) for index in batches], batch_size, GRAPH_STEPS, GRAPH_WARMUP):
+            if not replayed:
+                losses[first] = step(flat[offsets[first] : offsets[first + 1]])
+            else:
+                static_index.copy_(flat[offsets[first] : offsets[first + count]].view(count, batch_size))
+                if graph is None:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        static_losses = torch.stack([step(static_index[j]) for j in range(GRAPH_STEPS)])
+                graph.replay()
+                losses[first : first + count] = static_losses
+            progress.update(count)
+    torch.cuda.current_stream(device).wait_stream(side)
+    for p in optimizer.params:
+        p.grad = None
+    return losses
 
 
 def make_optimizer(model: nn.Module, lr: float) -> Adam:
