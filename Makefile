@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup repro experiments test bench bench-lora clean
+.PHONY: setup repro experiments test bench bench-lora bench-cuda clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ bench: $(STAMP) bench-lora
 
 bench-lora: $(STAMP)
 	$(BIN)/python -m bench.lora_layers
+
+# On a GPU machine whose python3 already has torch (DVC not needed): the CUDA tests, then the CUDA benchmark.
+bench-cuda:
+	$(PYTHON) -m pytest -q -rA -p no:cacheprovider tests/test_cuda.py
+	$(PYTHON) -m bench.pipeline --device cuda --kernels-only
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -2,6 +2,7 @@
 
     python -m bench.pipeline                     # full epoch (about 10 minutes on 2 cores)
     python -m bench.pipeline --pretrain-steps 1000   # quicker, same per-step ratios
+    python -m bench.pipeline --device cuda --kernels-only   # on a GPU machine without DVC: steps 1 and 2
 
 1. The seed notebook as written (bench/seed_notebook.py) runs end to end in a subprocess and reports each
    step's time.
@@ -23,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -61,41 +64,57 @@ def median_seconds(fn, repeats: int) -> float:
     for _ in range(repeats):
         started = time.perf_counter()
         fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
 
-def copy_bandwidth_gbs() -> float:
+def copy_bandwidth_gbs(device: torch.device) -> float:
     """Read+write bandwidth of a 400 MB copy (larger than any cache)."""
-    a, b = torch.empty(50_000_000), torch.empty(50_000_000)
+    a, b = torch.empty(50_000_000, device=device), torch.empty(50_000_000, device=device)
     b.copy_(a)
     seconds = median_seconds(lambda: b.copy_(a), 5)
     return 2 * a.numel() * 4 / seconds / 1e9
 
 
-def project_kernels(pretrain_steps: int, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+def pretraining_kernels(device: torch.device) -> dict[str, tuple[str, Callable[..., torch.Tensor]]]:
+    """The project's pretraining paths on this device, the default first: {key: (label, trainer)}."""
+    from lora.train import train
+
+    if device.type == "cuda":
+        return {"pretrain": ("pretrain (CUDA graphs, the CUDA default)", train),
+                "pretrain_eager": ("pretrain (eager CUDA steps: `train(..., cuda_graph=False)`)",
+                                   partial(train, cuda_graph=False))}
+    from lora.fused import train_fused
+
+    return {"pretrain": ("pretrain (fused kernel, the CPU default)", train_fused),
+            "pretrain_torch": ("pretrain (`kernel: torch`: autograd + torch's fused Adam)", train)}
+
+
+def project_kernels(pretrain_steps: int, repeats: int, device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
     """(median seconds, test accuracy after pretraining) of the project's steps, per pretraining kernel."""
     from lora import LoRAConfig, disable_adapter, inject, mark_only_lora_trainable
     from lora.data import load_split
-    from lora.fused import train_fused
     from lora.metrics import predict, summarize
     from lora.mlp import OversizedMLP
     from lora.train import train
 
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    train_x, train_y = load_split(RAW, "train")
-    test_x, test_y = load_split(RAW, "test")
+    train_x, train_y = (t.to(device) for t in load_split(RAW, "train"))
+    test_x, test_y = (t.to(device) for t in load_split(RAW, "test"))
     seconds["load"] = time.perf_counter() - started
 
     trained: dict[str, OversizedMLP] = {}
-    for name, trainer in (("pretrain", train_fused), ("pretrain_torch", train)):
+    for name, (_, trainer) in pretraining_kernels(device).items():
         def pretrain(name=name, trainer=trainer) -> None:
             torch.manual_seed(0)
-            trained[name] = OversizedMLP()
+            trained[name] = OversizedMLP().to(device)
             trainer(trained[name], train_x, train_y, steps=pretrain_steps, batch_size=10, lr=1e-3, seed=0, desc="bench")
 
         seconds[name] = median_seconds(pretrain, max(1, repeats // 3))
+    test_y = test_y.cpu()
     accuracy = {name: summarize(test_y, predict(model, test_x))["accuracy"] for name, model in trained.items()}
     model = trained["pretrain"]
     seconds["test_base"] = median_seconds(lambda: summarize(test_y, predict(model, test_x)), repeats)
@@ -103,7 +122,7 @@ def project_kernels(pretrain_steps: int, repeats: int) -> tuple[dict[str, float]
 
     def finetune() -> None:
         torch.manual_seed(0)
-        fresh = OversizedMLP()
+        fresh = OversizedMLP().to(device)
         fresh.load_state_dict(model.state_dict())
         inject(fresh, LoRAConfig())
         mark_only_lora_trainable(fresh)
@@ -140,26 +159,10 @@ def pipeline_repo(tmp: Path, pretrain_steps: int | None, env: dict[str, str]) ->
     return repo
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pretrain-steps", type=int, default=None, help="cap pretraining (default: 1 epoch, 6000 steps)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-sweep", action="store_true")
-    args = parser.parse_args()
-    steps = args.pretrain_steps or 6000
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", MNIST_SOURCE_DIR=str(RAW),
-               GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@lora-mnist.invalid",
-               GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="bench@lora-mnist.invalid")
-
-    seed_cmd = [sys.executable, "-m", "bench.seed_notebook", "--raw-dir", str(RAW)]
-    if args.pretrain_steps:
-        seed_cmd += ["--pretrain-steps", str(args.pretrain_steps)]
-    seed_wall, seed_rss, seed_out = run_measured(seed_cmd, ROOT, env)
-    seed = json.loads(seed_out.strip().splitlines()[-1])
-    ours, accuracy = project_kernels(steps, args.repeats)
-
+def run_pipeline(pretrain_steps: int | None, skip_sweep: bool, env: dict[str, str]) -> tuple[float, dict, dict]:
+    """`dvc repro` end to end, each stage as its own process, and the sweep: (repro seconds, per stage, sweep)."""
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        repo = pipeline_repo(Path(tmp), args.pretrain_steps, env)
+        repo = pipeline_repo(Path(tmp), pretrain_steps, env)
         repro_wall, _, _ = run_measured(["dvc", "repro"], repo, env)
         per_stage = {}
         for stage in STAGES:
@@ -167,7 +170,7 @@ def main() -> None:
             startup, _, _ = run_measured([sys.executable, "-c", f"import tasks.{stage}"], repo, env)
             per_stage[stage] = (wall, startup, rss)
         sweep = {}
-        if not args.skip_sweep:
+        if not skip_sweep:
             subprocess.run(["git", "add", "-A"], cwd=repo, env=env, check=True)
             subprocess.run(["git", "commit", "-qm", "baseline"], cwd=repo, env=env, check=True)
             ranks = iter(range(2, 9))
@@ -176,36 +179,68 @@ def main() -> None:
                 for _ in range(k):
                     run_measured(["dvc", "exp", "run", "--temp", "-S", f"lora.rank={next(ranks)}"], repo, env)
                 sweep[k] = time.perf_counter() - started
+    return repro_wall, per_stage, sweep
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="cap pretraining (default: 1 epoch, 6000 steps)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="auto", help="auto (as the notebook: CUDA when present) | cpu | cuda")
+    parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--kernels-only", action="store_true", help="only steps 1 and 2: no DVC needed")
+    args = parser.parse_args()
+    from lora.train import resolve_device
+
+    device = resolve_device(args.device)
+    steps = args.pretrain_steps or 6000
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", MNIST_SOURCE_DIR=str(RAW),
+               GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@lora-mnist.invalid",
+               GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="bench@lora-mnist.invalid")
+
+    seed_cmd = [sys.executable, "-m", "bench.seed_notebook", "--raw-dir", str(RAW), "--device", str(device)]
+    if args.pretrain_steps:
+        seed_cmd += ["--pretrain-steps", str(args.pretrain_steps)]
+    seed_wall, seed_rss, seed_out = run_measured(seed_cmd, ROOT, env)
+    seed = json.loads(seed_out.strip().splitlines()[-1])
+    ours, accuracy = project_kernels(steps, args.repeats, device)
+    if not args.kernels_only:
+        repro_wall, per_stage, sweep = run_pipeline(args.pretrain_steps, args.skip_sweep, env)
 
     weights, input_grad_weights = 2_807_010, 2_020_000  # all parameters; linear2 and linear3 (their input gradients)
-    traffic_mb = {  # float32 bytes read or written per step, if nothing stayed in cache
-        # forward reads the weights, backward reads two and writes every gradient, Adam reads p, g, m, v and writes p, m, v
-        "pretrain_torch": 4 * (9 * weights + input_grad_weights) / 1e6,
-        # input gradients read two weights; the kernel reads and writes p, m, v (the next forward rides along)
-        "pretrain": 4 * (6 * weights + input_grad_weights) / 1e6,
-    }
-    bandwidth = copy_bandwidth_gbs()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), copy bandwidth {bandwidth:.1f} GB/s (bytes read + written); "
-          f"pretrain {steps} steps")
+    # float32 bytes read or written per step, if nothing stayed in cache. Autograd + Adam: forward reads the
+    # weights, backward reads two and writes every gradient, Adam reads p, g, m, v and writes p, m, v.
+    autograd_mb = 4 * (9 * weights + input_grad_weights) / 1e6
+    # The fused CPU kernel: input gradients read two weights; it reads and writes p, m, v (the next forward rides along).
+    fused_mb = 4 * (6 * weights + input_grad_weights) / 1e6
+    bandwidth = copy_bandwidth_gbs(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} cores"
+    print(f"machine: {platform.machine()}, {where}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"device {device}, copy bandwidth {bandwidth:.1f} GB/s (bytes read + written); pretrain {steps} steps")
     print()
     print("| step | seed notebook (s) | this project (s) | ratio |")
     print("|---|---:|---:|---:|")
-    for key, label in (("pretrain", "pretrain (fused kernel, the CPU default)"),
-                       ("pretrain_torch", "pretrain (`kernel: torch`: autograd + torch's fused Adam)"),
-                       ("test_base", "test set, base"), ("finetune_100", "100 LoRA steps"),
-                       ("test_lora_on", "test set, LoRA on"), ("test_lora_off", "test set, LoRA off")):
-        seed_key = "pretrain" if key == "pretrain_torch" else key
-        print(f"| {label} | {seed['seconds'][seed_key]:.2f} | {ours[key]:.3f} | {ours[key] / seed['seconds'][seed_key]:.3f} |")
-    print(f"| end to end: notebook process vs `dvc repro` (data present) | {seed_wall:.1f} | {repro_wall:.1f} | "
-          f"{repro_wall / seed_wall:.3f} |")
+    kernels = pretraining_kernels(device)
+    labels = {key: label for key, (label, _) in kernels.items()} | {
+        "test_base": "test set, base", "finetune_100": "100 LoRA steps", "test_lora_on": "test set, LoRA on",
+        "test_lora_off": "test set, LoRA off"}
+    for key, label in labels.items():
+        seed_seconds = seed["seconds"][key if key in seed["seconds"] else "pretrain"]
+        print(f"| {label} | {seed_seconds:.2f} | {ours[key]:.3f} | {ours[key] / seed_seconds:.3f} |")
+    if not args.kernels_only:
+        print(f"| end to end: notebook process vs `dvc repro` (data present) | {seed_wall:.1f} | {repro_wall:.1f} | "
+              f"{repro_wall / seed_wall:.3f} |")
     print()
-    for key, label in (("pretrain", "fused kernel"), ("pretrain_torch", "torch")):
+    for key, (label, trainer) in kernels.items():
+        traffic_mb = fused_mb if key == "pretrain" and device.type == "cpu" else autograd_mb
         step_ms = 1e3 * ours[key] / steps
-        floor_ms = traffic_mb[key] / 1e3 / bandwidth * 1e3
-        print(f"pretrain, {label}: {step_ms:.2f} ms/step, test accuracy {accuracy[key]:.4f}; a step moves about "
-              f"{traffic_mb[key]:.0f} MB, {floor_ms:.2f} ms at the copy bandwidth ({step_ms / floor_ms:.1f}x that floor)")
-    print(f"seed notebook: test accuracy {seed['accuracy']:.4f}, peak RSS {seed_rss:.0f} MB")
+        floor_ms = traffic_mb / 1e3 / bandwidth * 1e3
+        print(f"{label}: {step_ms:.3f} ms/step, test accuracy {accuracy[key]:.4f}; a step moves about "
+              f"{traffic_mb:.0f} MB, {floor_ms:.3f} ms at the copy bandwidth ({step_ms / floor_ms:.1f}x that floor)")
+    print(f"seed notebook on {seed['device']}: test accuracy {seed['accuracy']:.4f}, "
+          f"{1e3 * seed['seconds']['pretrain'] / steps:.3f} ms/step, peak RSS {seed_rss:.0f} MB")
+    if args.kernels_only:
+        return
     print()
     print("| stage (own process) | wall (s) | start-up: imports (s) | peak RSS (MB) |")
     print("|---|---:|---:|---:|")

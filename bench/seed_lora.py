@@ -8,7 +8,8 @@ from torch import nn
 
 
 class LoRAParametrization(nn.Module):
-    def __init__(self, features_in: int, features_out: int, rank: int = 1, alpha: float = 1, device: str = "cpu") -> None:
+    def __init__(self, features_in: int, features_out: int, rank: int = 1, alpha: float = 1,
+                 device: torch.device | str = "cpu") -> None:
         super().__init__()
         # Section 4.1 of the paper: Gaussian init for A, zero for B, so ΔW = BA is zero at the start.
         self.lora_A = nn.Parameter(torch.zeros((rank, features_out)).to(device))
@@ -23,12 +24,12 @@ class LoRAParametrization(nn.Module):
         return original_weights
 
 
-def apply_seed_lora(net: nn.Module, rank: int = 1, alpha: float = 1) -> nn.Module:
+def apply_seed_lora(net: nn.Module, rank: int = 1, alpha: float = 1, device: torch.device | str = "cpu") -> nn.Module:
     """register_parametrization on linear1..3 and freeze every non-LoRA parameter, as the notebook does."""
     for layer in (net.linear1, net.linear2, net.linear3):
         features_in, features_out = layer.weight.shape
         parametrize.register_parametrization(
-            layer, "weight", LoRAParametrization(features_in, features_out, rank=rank, alpha=alpha)
+            layer, "weight", LoRAParametrization(features_in, features_out, rank=rank, alpha=alpha, device=device)
         )
     for name, param in net.named_parameters():
         if "lora" not in name:
