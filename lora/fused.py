@@ -3,8 +3,9 @@
 At batch 10 a CPU step is bound by memory traffic: autograd writes each weight gradient, Adam reads it back
 and the next forward reads the weights again. The C kernels form each gradient row in cache, update the
 weights and both Adam moments in the same pass, and compute the next batch's activations from the updated
-rows while they are still in cache. The math is torch.optim.Adam's on the same seeded batches; results agree
-with the autograd path to float rounding and are deterministic (tests/test_fused.py).
+rows while they are still in cache; products with the zeros of ReLU outputs are skipped. The math is
+torch.optim.Adam's on the same seeded batches; results agree with the autograd path to float rounding and are
+deterministic (tests/test_fused.py).
 
 The kernels are compiled with the system's C compiler on first use and cached (``$LORA_KERNEL_CACHE``, else
 ``$XDG_CACHE_HOME/lora-mnist``, else ``~/.cache/lora-mnist``); ``kernel="auto"`` falls back to the

@@ -17,7 +17,15 @@ from lora.train import Adam, train
 CPU = torch.device("cpu")
 
 
-def _train_both(batch_size: int, samples: int, steps: int = 25) -> tuple[tuple[OversizedMLP, torch.Tensor], ...]:
+def _mostly_zero_hidden_layers(model: OversizedMLP) -> OversizedMLP:
+    """Biases that cut most ReLU outputs, as training does: the kernel then packs each batch's non-zero columns."""
+    with torch.no_grad():
+        model.linear1.bias.sub_(0.45)
+        model.linear2.bias.sub_(0.12)
+    return model
+
+
+def _train_both(batch_size: int, samples: int, steps: int = 25, sparse: bool = False) -> tuple[tuple[OversizedMLP, torch.Tensor], ...]:
     generator = torch.Generator().manual_seed(1)
     images = torch.rand(samples, 1, 28, 28, generator=generator)
     labels = torch.randint(0, 10, (samples,), generator=generator)
@@ -25,14 +33,28 @@ def _train_both(batch_size: int, samples: int, steps: int = 25) -> tuple[tuple[O
     for trainer in (train_fused, train):
         torch.manual_seed(0)
         model = OversizedMLP(hidden_1=37, hidden_2=50)  # sizes off the kernel's vector width: its tails run too
+        if sparse:
+            _mostly_zero_hidden_layers(model)
         losses = trainer(model, images, labels, steps=steps, batch_size=batch_size, lr=1e-3, seed=0, desc="test")
         runs.append((model, losses))
     return tuple(runs)
 
 
+def test_the_sparse_setting_leaves_under_half_of_a_batchs_hidden_columns_non_zero() -> None:
+    torch.manual_seed(0)
+    model = _mostly_zero_hidden_layers(OversizedMLP(hidden_1=37, hidden_2=50))
+    images = torch.rand(10, 784, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hidden_1 = model.relu(model.linear1(images))
+        hidden_2 = model.relu(model.linear2(hidden_1))
+    for hidden in (hidden_1, hidden_2):
+        assert 0 < (hidden != 0).any(dim=0).float().mean() < 0.5
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "mostly-zero-hidden-layers"])
 @pytest.mark.parametrize("batch_size,samples", [(10, 200), (1, 37), (17, 203), (3, 50)])
-def test_fused_training_follows_autograd_and_torch_adam_to_float_rounding(batch_size: int, samples: int) -> None:
-    (fused_model, fused_losses), (torch_model, torch_losses) = _train_both(batch_size, samples)
+def test_fused_training_follows_autograd_and_torch_adam_to_float_rounding(batch_size: int, samples: int, sparse: bool) -> None:
+    (fused_model, fused_losses), (torch_model, torch_losses) = _train_both(batch_size, samples, sparse=sparse)
     assert fused_losses.shape == torch_losses.shape == (25,)
     torch.testing.assert_close(fused_losses, torch_losses, rtol=0, atol=1e-5)
     for name, parameter in fused_model.named_parameters():
@@ -104,7 +126,8 @@ def test_a_failing_compiler_is_one_line_and_leaves_no_library(fresh_build, monke
     assert not any(fresh_build.rglob("*"))
 
 
-def test_fused_results_do_not_depend_on_the_thread_count() -> None:
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "mostly-zero-hidden-layers"])
+def test_fused_results_do_not_depend_on_the_thread_count(sparse: bool) -> None:
     generator = torch.Generator().manual_seed(2)
     images, labels = torch.rand(300, 784, generator=generator), torch.randint(0, 10, (300,), generator=generator)
     threads = torch.get_num_threads()
@@ -114,6 +137,8 @@ def test_fused_results_do_not_depend_on_the_thread_count() -> None:
             torch.set_num_threads(count)
             torch.manual_seed(0)
             model = OversizedMLP(hidden_1=100, hidden_2=200)
+            if sparse:
+                _mostly_zero_hidden_layers(model)
             losses = train_fused(model, images, labels, steps=40, batch_size=10, lr=1e-3, seed=0)
             runs.append((losses, [p.detach().clone() for p in model.parameters()]))
     finally:
