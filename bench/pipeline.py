@@ -232,7 +232,7 @@ def main() -> None:
         print(f"| end to end: notebook process vs `dvc repro` (data present) | {seed_wall:.1f} | {repro_wall:.1f} | "
               f"{repro_wall / seed_wall:.3f} |")
     print()
-    for key, (label, trainer) in kernels.items():
+    for key, (label, _) in kernels.items():
         fused = key == "pretrain" and device.type == "cpu"
         traffic_mb = fused_mb if fused else autograd_mb
         step_ms = 1e3 * ours[key] / steps

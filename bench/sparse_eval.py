@@ -3,51 +3,37 @@
     python -m bench.sparse_eval
 
 Times linear2 of the oversized MLP (1000 -> 2000) on a batch of 2500 activations, as lora.metrics.predict
-feeds it, with a given share of non-zeros: dense `F.linear`, and the sparse path of
-`lora.mlp.sparse_if_mostly_zero` (count the non-zeros, convert to CSR, multiply). The crossing point is where
+feeds it, with a given share of non-zeros: dense `F.linear`, and the sparse path (count the non-zeros and
+convert to CSR, as `lora.mlp.sparse_if_mostly_zero` does, then the product). The crossing point is where
 lora.mlp.SPARSE_DENSITY belongs; the last row is the trained base model's real activations on the test set.
 """
 from __future__ import annotations
 
-import statistics
-import time
-import warnings
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
+from bench.pipeline import median_seconds
+from lora.mlp import SPARSE_DENSITY, OversizedMLP, sparse_if_mostly_zero
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def median_ms(fn, repeats: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return 1e3 * statistics.median(times)
-
-
-def sparse_product(activations: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    torch.count_nonzero(activations)  # the density check the model makes first
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return F.linear(activations.to_sparse_csr(), weight, bias)
+def median_ms(fn) -> float:
+    fn()  # one untimed call first
+    return 1e3 * median_seconds(fn, 7)
 
 
 def row(label: str, activations: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
     dense = median_ms(lambda: F.linear(activations, weight, bias))
-    sparse = median_ms(lambda: sparse_product(activations, weight, bias))
+    sparse = median_ms(lambda: F.linear(sparse_if_mostly_zero(activations, max_density=1.0), weight, bias))
     density = float(torch.count_nonzero(activations)) / activations.numel()
     print(f"| {label} | {density:.3f} | {dense:.1f} | {sparse:.1f} | {sparse / dense:.2f} |")
 
 
 @torch.inference_mode()
 def main() -> None:
-    from lora.mlp import SPARSE_DENSITY, OversizedMLP
-
     generator = torch.Generator().manual_seed(0)
     model = OversizedMLP().eval()
     weight, bias = model.linear2.weight, model.linear2.bias

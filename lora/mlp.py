@@ -11,12 +11,14 @@ NUM_CLASSES = 10
 SPARSE_DENSITY = 0.1  # below this share of non-zeros the sparse product wins on CPU (bench.sparse_eval: it breaks even near 0.14)
 
 
-def sparse_if_mostly_zero(activations: torch.Tensor) -> torch.Tensor:
+def sparse_if_mostly_zero(activations: torch.Tensor, max_density: float | None = None) -> torch.Tensor:
     """Evaluating on CPU, a trained ReLU layer's output is mostly zeros (about 96% here): as a sparse (CSR)
-    matrix the next layer multiplies only the non-zeros. Training and other devices keep the dense tensor."""
+    matrix the next layer multiplies only the non-zeros. Training and other devices keep the dense tensor,
+    and so does a share of non-zeros above ``max_density`` (default: SPARSE_DENSITY)."""
     if torch.is_grad_enabled() or activations.device.type != "cpu" or activations.dim() != 2:
         return activations
-    if torch.count_nonzero(activations) > SPARSE_DENSITY * activations.numel():
+    limit = SPARSE_DENSITY if max_density is None else max_density
+    if torch.count_nonzero(activations) > limit * activations.numel():
         return activations
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch calls its CSR tensors beta; the product used here is long-standing

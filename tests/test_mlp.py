@@ -25,6 +25,12 @@ def test_mostly_zero_activations_turn_sparse_only_when_evaluating_on_cpu() -> No
     assert sparse_if_mostly_zero(_mostly_zero(0.04)).layout == torch.strided  # gradients need the dense tensor
 
 
+def test_the_density_limit_can_be_raised_for_one_call() -> None:
+    with torch.inference_mode():
+        assert sparse_if_mostly_zero(_mostly_zero(0.5), max_density=1.0).layout == torch.sparse_csr
+        assert sparse_if_mostly_zero(_mostly_zero(0.04), max_density=0.01).layout == torch.strided
+
+
 def _sparse_model() -> tuple[OversizedMLP, torch.Tensor]:
     """A model whose first hidden layer is ~95% zeros on its inputs, as a trained base model's is."""
     torch.manual_seed(0)
