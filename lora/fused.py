@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .mlp import OversizedMLP
-from .train import ADAM_BETAS, ADAM_EPS, batch_order
+from .train import ADAM_BETAS, ADAM_EPS, batch_order, require_samples
 
 KERNELS = ("auto", "fused", "torch")
 SOURCE = Path(__file__).with_name("kernels") / "linear_adam.c"
@@ -69,8 +69,7 @@ def train_fused(
 ) -> torch.Tensor:
     """:func:`lora.train.train` for the plain MLP on CPU (Adam, cross-entropy, the same seeded batches), with
     each layer's weight gradient, Adam update and next forward in one kernel call; returns every step's loss."""
-    if images.shape[0] == 0:
-        raise ValueError("no training samples: the selected data is empty")
+    require_samples(images)
     if images.dtype != torch.float32 or images.device.type != "cpu":
         raise ValueError(f"kernel='fused' needs float32 CPU images, not {images.dtype} on {images.device}")
     layers = [model.linear1, model.linear2, model.linear3]

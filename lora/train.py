@@ -1,6 +1,7 @@
 """A training loop over tensors already in memory: seeded batch order, Adam, no per-step host sync."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -57,6 +58,12 @@ def finetune_selection(labels: torch.Tensor, digit: int, replay_fraction: float,
     return torch.cat([target, drawn]).sort().values
 
 
+def require_samples(images: torch.Tensor) -> None:
+    """Training needs at least one image: a clear error instead of an empty batch order."""
+    if images.shape[0] == 0:
+        raise ValueError("no training samples: the selected data is empty")
+
+
 def steps_for_epochs(num_samples: int, batch_size: int, epochs: int) -> int:
     return math.ceil(num_samples / batch_size) * epochs
 
@@ -78,8 +85,7 @@ def train(
 
     Pass ``optimizer`` (from :func:`make_optimizer`) to inspect its state afterwards; ``lr`` is then unused.
     On CUDA the steps are replayed from a CUDA graph unless ``cuda_graph`` is False (same numbers)."""
-    if images.shape[0] == 0:
-        raise ValueError("no training samples: the selected data is empty")
+    require_samples(images)
     device = next(model.parameters()).device
     images, labels = images.to(device), labels.to(device)
     optimizer = optimizer or make_optimizer(model, lr)
@@ -139,17 +145,16 @@ def _train_graphed(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         optimizer.step()
         return loss.detach()
 
+    lengths = [len(index) for index in batches]
+    offsets = [0, *itertools.accumulate(lengths)]
     flat = torch.cat(batches).to(device)
-    offsets = [0]
-    for index in batches:
-        offsets.append(offsets[-1] + len(index))
     losses = torch.empty(len(batches), device=device)
     static_index = torch.empty((GRAPH_STEPS, batch_size), dtype=torch.long, device=device)
     graph = None
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side), tqdm(total=len(batches), desc=desc, disable=None) as progress:
-        for first, count, replayed in graph_plan([len(index) for index in batches], batch_size, GRAPH_STEPS, GRAPH_WARMUP):
+        for first, count, replayed in graph_plan(lengths, batch_size, GRAPH_STEPS, GRAPH_WARMUP):
             if not replayed:
                 losses[first] = step(flat[offsets[first] : offsets[first + 1]])
             else:

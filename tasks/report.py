@@ -24,9 +24,9 @@ SUMMARY = Path("experiments/metrics.json")
 def load_results(results: Path = EXPERIMENT_RESULTS) -> dict[str, list[dict[str, Any]]]:
     """Every result file, grouped by its folder (rank_sweep, seeds, ...); full_finetune.json under 'full_finetune'."""
     groups: dict[str, list[dict[str, Any]]] = {}
+    rebuild = "`dvc repro experiments/dvc.yaml` re-runs the stage that writes it"
     for path in sorted(results.rglob("*.json")):
         group = path.parent.name if path.parent != results else path.stem
-        rebuild = "`dvc repro experiments/dvc.yaml` re-runs the stage that writes it"
         try:
             result = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
