@@ -148,6 +148,27 @@ def test_fused_results_do_not_depend_on_the_thread_count(sparse: bool) -> None:
         assert all(torch.equal(a, b) for a, b in zip(parameters, runs[0][1]))
 
 
+def _adam_step_without_gradient(exp_avg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, first moment) after one fused Adam step of a 4 x 2 layer whose gradient is zero."""
+    weight, bias = torch.tensor([[0.5, -0.25], [1e-3, 2.0], [-3.0, 0.125], [7.0, -1e-4]]), torch.zeros(4)
+    exp_avg, exp_avg_sq = exp_avg.clone(), torch.full((4, 2), 1e-12)
+    tensors = [weight, bias, exp_avg, exp_avg_sq, torch.zeros(4), torch.zeros(4), torch.ones(1, 2), torch.zeros(1, 4),
+               torch.empty(1, 2), None, None]
+    fused._library().linear_adam_step(*fused._ptrs(*tensors), 1, 0, 2, 4, 0, 1, 1e-3, 0.9, 0.999, 1e-8, 100)
+    return weight, exp_avg
+
+
+def test_the_adam_kernel_flushes_subnormal_moments_without_moving_a_weight() -> None:
+    subnormal = torch.tensor([1e-40, -1e-39, 5e-45, 1e-38]).repeat(2).reshape(4, 2)  # all under 2**-126
+    assert (subnormal != 0).all() and (subnormal.abs() < torch.finfo(torch.float32).tiny).all()
+    weight, exp_avg = _adam_step_without_gradient(subnormal)
+    zero_weight, zero_exp_avg = _adam_step_without_gradient(torch.zeros(4, 2))
+    assert torch.equal(exp_avg, torch.zeros(4, 2)) and torch.equal(zero_exp_avg, torch.zeros(4, 2))
+    assert torch.equal(weight, zero_weight)
+    # the caller's thread keeps subnormals after the kernel returns
+    assert (torch.tensor([2e-38]) / 4).item() != 0
+
+
 def test_adam_equals_torch_optim_adam_fused_bit_for_bit() -> None:
     torch.manual_seed(0)
     ours, reference = OversizedMLP(hidden_1=30, hidden_2=20), OversizedMLP(hidden_1=30, hidden_2=20)
