@@ -2,7 +2,8 @@
 
 The wrapped layer is kept as ``base_layer`` and never copied. Its weight is only written by an
 explicit ``merge()``/``unmerge()``; the training path computes ``base(x) + B(A(dropout(x)) * scale)``
-(= base(x) + B(A(x))·scale) and never materialises W + B·A.
+(= base(x) + B(A(x))·scale) and never materialises W + B·A. While training on CPU, base(x) of the frozen
+layer goes through the CPU kernels (:func:`lora.fused.frozen_linear`), which are faster at small batches.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig
+from .fused import frozen_linear
 
 
 class LoRAMergeError(RuntimeError):
@@ -103,7 +105,7 @@ class LoRALinear(nn.Module):
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * (self.scaling[name] * self.inference_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
+        out = frozen_linear(self.base_layer, x)
         name = self.active_adapter
         if self.disabled or self.merged or name is None or self.inference_scale == 0:
             return out

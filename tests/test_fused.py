@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from lora import fused
-from lora.fused import KernelUnavailable, resolve_kernel, train_fused
+from lora import LoRAConfig, inject, mark_only_lora_trainable
+from lora.fused import KernelUnavailable, frozen_linear, resolve_kernel, train_fused
 from lora.mlp import OversizedMLP
 from lora.train import Adam, train
 
@@ -146,6 +147,69 @@ def test_fused_results_do_not_depend_on_the_thread_count(sparse: bool) -> None:
     for losses, parameters in runs[1:]:
         assert torch.equal(losses, runs[0][0])
         assert all(torch.equal(a, b) for a, b in zip(parameters, runs[0][1]))
+
+
+def _frozen(layer: nn.Linear) -> nn.Linear:
+    for parameter in layer.parameters():
+        parameter.requires_grad_(False)
+    return layer
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows,zero_columns", [(10, 0.0), (10, 0.9), (1, 0.5), (17, 0.9)])
+def test_frozen_linear_follows_torch_forward_and_input_gradient_to_float_rounding(rows: int, zero_columns: float, bias: bool) -> None:
+    torch.manual_seed(0)
+    layer = _frozen(nn.Linear(37, 50, bias=bias))  # sizes off the kernel's vector width
+    x = torch.randn(rows, 37) * (torch.rand(37) >= zero_columns)  # zero columns: the packed forward
+    x_torch, x_kernel = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad_out = torch.randn(rows, 50) * (torch.rand(50) < 0.5)  # zero output gradients: rows the backward skips
+    (expected := layer(x_torch)).backward(grad_out)
+    (actual := frozen_linear(layer, x_kernel)).backward(grad_out)
+    assert actual.grad_fn is not None and "FrozenLinear" in type(actual.grad_fn).__name__
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(x_kernel.grad, x_torch.grad, rtol=0, atol=1e-5)
+
+
+def test_frozen_linear_leaves_trainable_layers_and_evaluation_to_torch() -> None:
+    layer, x = nn.Linear(20, 30), torch.randn(10, 20)
+    frozen_linear(layer, x).sum().backward()
+    assert layer.weight.grad is not None  # the weights still receive their gradient
+    with torch.no_grad():
+        assert torch.equal(frozen_linear(_frozen(layer), x), layer(x))
+
+
+def test_frozen_linear_does_not_depend_on_the_thread_count() -> None:
+    torch.manual_seed(0)
+    layer, x = _frozen(nn.Linear(300, 200)), torch.randn(10, 300).relu().requires_grad_()
+    threads, runs = torch.get_num_threads(), []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            x.grad = None
+            (out := frozen_linear(layer, x)).backward(torch.ones_like(out))
+            runs.append((out.detach(), x.grad.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(out, runs[0][0]) and torch.equal(grad, runs[0][1]) for out, grad in runs[1:])
+
+
+def test_lora_fine_tuning_through_the_kernels_follows_torch_to_float_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
+    generator = torch.Generator().manual_seed(4)
+    images, labels = torch.rand(60, 784, generator=generator), torch.randint(0, 10, (60,), generator=generator)
+    adapters = []
+    for route in ("kernels", "torch"):
+        if route == "torch":
+            monkeypatch.setattr("lora.layer.frozen_linear", lambda layer, x: layer(x))
+        torch.manual_seed(0)
+        model = _mostly_zero_hidden_layers(OversizedMLP(hidden_1=37, hidden_2=50))
+        inject(model, LoRAConfig(r=2))
+        mark_only_lora_trainable(model)
+        train(model, images, labels, steps=30, batch_size=10, lr=1e-2, seed=0)
+        adapters.append({name: p.detach() for name, p in model.named_parameters() if "lora_" in name})
+    assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) == 6
+    for name, value in adapters[0].items():
+        torch.testing.assert_close(value, adapters[1][name], rtol=0, atol=1e-4, msg=name)
+    assert any(value.abs().sum() > 0 for name, value in adapters[0].items() if "lora_B" in name)  # it did train
 
 
 def _adam_step_without_gradient(exp_avg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -258,15 +258,18 @@ static inline __attribute__((always_inline)) void input_grad_tile(const float *r
     }
     for (int b = 0; b < nb; b++) {
         vec h, g = acc[b];
-        memcpy(&h, relu_output + b * in + j, sizeof(vec));
-        for (int k = 0; k < LANES; k++) g[k] = h[k] > 0 ? g[k] : 0;
+        if (relu_output) {
+            memcpy(&h, relu_output + b * in + j, sizeof(vec));
+            for (int k = 0; k < LANES; k++) g[k] = h[k] > 0 ? g[k] : 0;
+        }
         memcpy(grad_in + b * in + j, &g, sizeof(vec));
     }
 }
 
 /* grad_in = (grad_out @ weight) * (relu_output > 0), with the weights before this step's update: the gradient
- * for the layer below. Columns are split over threads; each sum runs over the rows in order. A weight row whose
- * grad_out is zero for every batch row of a tile (an output the ReLU cut) would add only zeros: it is not read. */
+ * for the layer below; without the mask when relu_output is NULL. Columns are split over threads; each sum runs
+ * over the rows in order. A weight row whose grad_out is zero for every batch row of a tile (an output the ReLU
+ * cut) would add only zeros: it is not read. */
 void linear_input_grad(const float *restrict weight, const float *restrict grad_out, const float *restrict relu_output,
                        float *restrict grad_in, int64_t batch, int64_t in, int64_t out, int threads)
 {
@@ -274,7 +277,7 @@ void linear_input_grad(const float *restrict weight, const float *restrict grad_
     int64_t active[out]; /* the rows this group of batch rows needs */
     for (int64_t b0 = 0; b0 < batch; b0 += GRAD_GROUP) {
         const int64_t nb = batch - b0 < GRAD_GROUP ? batch - b0 : GRAD_GROUP;
-        const float *go = grad_out + b0 * out, *h = relu_output + b0 * in;
+        const float *go = grad_out + b0 * out, *h = relu_output ? relu_output + b0 * in : NULL;
         float *gi = grad_in + b0 * in;
         int64_t count = 0;
         for (int64_t i = 0; i < out; i++)
@@ -290,7 +293,7 @@ void linear_input_grad(const float *restrict weight, const float *restrict grad_
                     for (int64_t j = tiles * LANES; j < in; j++) {
                         float sum = 0;
                         for (int64_t k = 0; k < count; k++) sum += go[b * out + active[k]] * weight[active[k] * in + j];
-                        gi[b * in + j] = h[b * in + j] > 0 ? sum : 0;
+                        gi[b * in + j] = !h || h[b * in + j] > 0 ? sum : 0;
                     }
                 continue;
             }
