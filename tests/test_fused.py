@@ -1,5 +1,6 @@
 """Training kernels: the fused CPU kernel (lora/fused.py) follows torch's Adam, is deterministic, is built once and
-refused clearly; lora.train.Adam is torch.optim.Adam(fused=True) bit for bit."""
+refused clearly; frozen layers of LoRA fine-tuning through the kernels follow torch's product; lora.train.Adam is
+torch.optim.Adam(fused=True) bit for bit."""
 from __future__ import annotations
 
 import subprocess
@@ -9,8 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora import fused
-from lora import LoRAConfig, inject, mark_only_lora_trainable
+from lora import LoRAConfig, fused, inject, mark_only_lora_trainable
 from lora.fused import KernelUnavailable, frozen_linear, resolve_kernel, train_fused
 from lora.mlp import OversizedMLP
 from lora.train import Adam, train

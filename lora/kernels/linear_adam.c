@@ -22,9 +22,10 @@
  * The Adam step runs with subnormal floats flushed to zero. The first moment of a weight whose gradient stays
  * zero decays by beta1 each step into the subnormal range and, rounded there, stops at a few units of 2^-149
  * instead of reaching zero: by the end of an epoch most of the base model's moments are such subnormals, and
- * arithmetic on them is several times slower. With eps bounding the denominator, a moment under 2^-126 moves
- * its weight by under 1.2e-29 * lr, less than half a unit in the last place of any weight over 4e-22 * lr, so
- * flushing leaves the weights as they were: the base model of an epoch on MNIST has the same bytes either way.
+ * arithmetic on them is slow (an Adam loop with a third of them ran at half speed here). With eps bounding the
+ * denominator, a moment under 2^-126 moves its weight by under 1.2e-29 * lr, less than half a unit in the last
+ * place of any weight over 4e-22 * lr, so flushing leaves the weights as they were: the base model of an epoch
+ * on MNIST has the same bytes either way.
  */
 #include <math.h>
 #include <stdint.h>
