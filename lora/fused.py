@@ -54,12 +54,9 @@ def resolve_kernel(name: str, device: torch.device) -> str:
         return "torch"
     if device.type != "cpu":
         raise KernelUnavailable(f"kernel='fused' runs on CPU only, not on {device}; use 'auto' or 'torch'")
-    try:
-        _library()
-    except KernelUnavailable:
-        if name == "fused":
-            raise
+    if name == "auto" and not _kernel_builds():
         return "torch"
+    _library()  # builds the kernel, or says why kernel='fused' cannot run here
     return "fused"
 
 
@@ -164,6 +161,8 @@ class _FrozenLinear(torch.autograd.Function):
 
 @functools.cache
 def _kernel_builds() -> bool:
+    """Whether the kernel builds here, asked once per process (tests that change the compiler clear this cache
+    with _library's)."""
     try:
         _library()
     except KernelUnavailable:

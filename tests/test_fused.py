@@ -97,8 +97,10 @@ def fresh_build(monkeypatch: pytest.MonkeyPatch, tmp_path):
     """An empty kernel cache and no library loaded in this process; restored afterwards."""
     monkeypatch.setenv("LORA_KERNEL_CACHE", str(tmp_path / "cache"))
     fused._library.cache_clear()
+    fused._kernel_builds.cache_clear()
     yield tmp_path / "cache"
     fused._library.cache_clear()
+    fused._kernel_builds.cache_clear()
 
 
 def test_the_kernel_is_built_once_into_the_cache(fresh_build) -> None:

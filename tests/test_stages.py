@@ -71,12 +71,14 @@ def test_pretrain_auto_kernel_falls_back_to_torch_without_a_compiler(project, mo
     monkeypatch.setenv("CC", "no-such-compiler")
     monkeypatch.setenv("LORA_KERNEL_CACHE", str(tmp_path / "empty-cache"))
     fused._library.cache_clear()
+    fused._kernel_builds.cache_clear()
     try:
         assert pretrain.run(load_params())["kernel"] == "torch"
         set_params(project / "params.yaml", **{"pretrain.kernel": "fused"})
         result = subprocess.run([sys.executable, "-m", "tasks.pretrain"], cwd=project, capture_output=True, text=True)
     finally:
         fused._library.cache_clear()
+        fused._kernel_builds.cache_clear()
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == ("error: kernel='fused' needs a C compiler: 'no-such-compiler' is not on PATH")
 
