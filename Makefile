@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup repro experiments test bench bench-lora bench-cuda clean
+.PHONY: setup repro experiments test test-fast bench bench-lora bench-cuda clean
 
 setup: $(STAMP)
 
@@ -16,14 +16,19 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 repro: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 dvc repro
 
 # The experiments of experiments/dvc.yaml (rank sweep, seeds, replay, full fine-tuning, an adapter per digit) and their report.
 experiments: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro experiments/dvc.yaml
 
+# Tests: the whole suite (what CI runs), or the fast tier: library, params, data reader and stage units (no DVC,
+# no Prefect server, no real MNIST).
 test: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest
+	PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 python -m pytest
+
+test-fast: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 python -m pytest -m "not slow"
 
 # Benchmarks are run on demand, never as tests: stage times against the seed notebook, then LoRA layers.
 bench: $(STAMP) bench-lora

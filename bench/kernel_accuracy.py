@@ -1,8 +1,8 @@
-"""Do the two pretraining kernels reach the same accuracy? Paired runs on real MNIST, one per seed.
+"""Do the two backends' pretraining paths reach the same accuracy? Paired runs on real MNIST, one per seed.
 
-    python -m bench.kernel_accuracy               # seeds 0-4, one full epoch each with both kernels (about 6 minutes)
+    python -m bench.kernel_accuracy               # seeds 0-4, one full epoch each with both backends (about 6 minutes)
 
-Both kernels do the same math (Adam on the same seeded batches) but round differently, and over 6,000 steps
+Both paths (the CPU kernels of `backend: auto`, autograd of `backend: torch`) do the same math (Adam on the same seeded batches) but round differently, and over 6,000 steps
 the two trajectories drift apart; this compares where they end: test accuracy and the mean training loss
 of the last 500 steps, per seed and over the seeds.
 """
@@ -14,14 +14,13 @@ from pathlib import Path
 
 import torch
 
-from lora.data import load_split
-from lora.fused import train_fused
-from lora.metrics import predict, summarize
-from lora.mlp import OversizedMLP
-from lora.train import train
+from lora_mnist.data import load_split
+from lora_mnist.metrics import predict, summarize
+from lora_mnist.mlp import OversizedMLP
+from lora_mnist.train import train
 
 RAW = Path(__file__).resolve().parents[1] / "data" / "mnist" / "raw"
-KERNELS = {"fused": train_fused, "torch": train}
+KERNELS = ("auto", "torch")  # backends
 
 
 def main() -> None:
@@ -33,24 +32,24 @@ def main() -> None:
     test_x, test_y = load_split(RAW, "test")
 
     accuracy: dict[str, list[float]] = {name: [] for name in KERNELS}
-    print("| seed | accuracy, fused | accuracy, torch | loss (last 500), fused | loss (last 500), torch |")
+    print("| seed | accuracy, auto | accuracy, torch | loss (last 500), auto | loss (last 500), torch |")
     print("|---:|---:|---:|---:|---:|")
     for seed in range(args.seeds):
         losses = {}
-        for name, trainer in KERNELS.items():
+        for name in KERNELS:
             torch.manual_seed(seed)
             model = OversizedMLP()
-            losses[name] = float(trainer(model, train_x, train_y, steps=args.steps, batch_size=10, lr=1e-3, seed=seed,
-                                         desc=f"{name} seed {seed}")[-500:].mean())
+            losses[name] = float(train(model, train_x, train_y, steps=args.steps, batch_size=10, lr=1e-3, seed=seed,
+                                       backend=name, desc=f"{name} seed {seed}")[-500:].mean())
             accuracy[name].append(summarize(test_y, predict(model, test_x))["accuracy"])
-        print(f"| {seed} | {accuracy['fused'][-1]:.4f} | {accuracy['torch'][-1]:.4f} | {losses['fused']:.4f} | "
+        print(f"| {seed} | {accuracy['auto'][-1]:.4f} | {accuracy['torch'][-1]:.4f} | {losses['auto']:.4f} | "
               f"{losses['torch']:.4f} |", flush=True)
     if args.seeds > 1:
-        differences = [f - t for f, t in zip(accuracy["fused"], accuracy["torch"])]
+        differences = [f - t for f, t in zip(accuracy["auto"], accuracy["torch"])]
         print()
         for name, values in accuracy.items():
             print(f"{name}: accuracy {statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}")
-        print(f"fused - torch, paired: {statistics.mean(differences):+.4f} ± {statistics.stdev(differences):.4f}")
+        print(f"auto - torch, paired: {statistics.mean(differences):+.4f} ± {statistics.stdev(differences):.4f}")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ from torch.utils import benchmark
 
 from bench.seed_lora import apply_seed_lora
 from lora import LoRAConfig, inject, mark_only_lora_trainable, merge
-from lora.mlp import OversizedMLP
+from lora_mnist.mlp import LAYERS, OversizedMLP
 
-TARGETS = ["linear1", "linear2", "linear3"]
+TARGETS = list(LAYERS)
 
 
 def variants() -> dict[str, Callable[[], nn.Module]]:
@@ -29,7 +29,7 @@ def variants() -> dict[str, Callable[[], nn.Module]]:
 
     def ours() -> nn.Module:
         model = base()
-        inject(model, LoRAConfig(r=1, alpha=1))
+        inject(model, LoRAConfig(r=1, alpha=1, target_modules=LAYERS))
         mark_only_lora_trainable(model)
         return model
 

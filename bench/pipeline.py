@@ -80,25 +80,20 @@ def copy_bandwidth_gbs(device: torch.device) -> float:
 
 def pretraining_kernels(device: torch.device) -> dict[str, tuple[str, Callable[..., torch.Tensor]]]:
     """The project's pretraining paths on this device, the default first: {key: (label, trainer)}."""
-    from lora.train import train
+    from lora_mnist.train import train
 
-    if device.type == "cuda":
-        return {"pretrain": ("pretrain (CUDA graphs, the CUDA default)", train),
-                "pretrain_eager": ("pretrain (eager CUDA steps: `train(..., cuda_graph=False)`)",
-                                   partial(train, cuda_graph=False))}
-    from lora.fused import train_fused
-
-    return {"pretrain": ("pretrain (fused kernel, the CPU default)", train_fused),
-            "pretrain_torch": ("pretrain (`kernel: torch`: autograd + torch's fused Adam)", train)}
+    fast = "CUDA graphs" if device.type == "cuda" else "the CPU kernels"
+    return {"pretrain": (f"pretrain (`backend: auto`: {fast}, the default)", partial(train, backend="auto")),
+            "pretrain_torch": ("pretrain (`backend: torch`: autograd + torch.optim.Adam)", partial(train, backend="torch"))}
 
 
 def project_kernels(pretrain_steps: int, repeats: int, device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
     """(median seconds, test accuracy after pretraining) of the project's steps, per pretraining kernel."""
     from lora import LoRAConfig, disable_adapter, inject, mark_only_lora_trainable
-    from lora.data import load_split
-    from lora.metrics import predict, summarize
-    from lora.mlp import OversizedMLP
-    from lora.train import train
+    from lora_mnist.data import load_split
+    from lora_mnist.metrics import predict, summarize
+    from lora_mnist.mlp import LAYERS, OversizedMLP
+    from lora_mnist.train import train
 
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -124,12 +119,12 @@ def project_kernels(pretrain_steps: int, repeats: int, device: torch.device) -> 
         torch.manual_seed(0)
         fresh = OversizedMLP().to(device)
         fresh.load_state_dict(model.state_dict())
-        inject(fresh, LoRAConfig())
+        inject(fresh, LoRAConfig(target_modules=LAYERS))
         mark_only_lora_trainable(fresh)
         train(fresh, train_x[only], train_y[only], steps=100, batch_size=10, lr=1e-3, seed=0, desc="bench")
 
     seconds["finetune_100"] = median_seconds(finetune, repeats)
-    inject(model, LoRAConfig())
+    inject(model, LoRAConfig(target_modules=LAYERS))
     seconds["test_lora_on"] = median_seconds(lambda: summarize(test_y, predict(model, test_x)), repeats)
 
     def test_off() -> None:
@@ -190,7 +185,8 @@ def main() -> None:
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--kernels-only", action="store_true", help="only steps 1 and 2: no DVC needed")
     args = parser.parse_args()
-    from lora.train import DeviceError, resolve_device
+    from lora_mnist.errors import DeviceError
+    from lora_mnist.train import resolve_device
 
     try:
         device = resolve_device(args.device)

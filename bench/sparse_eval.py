@@ -2,10 +2,10 @@
 
     python -m bench.sparse_eval
 
-Times linear2 of the oversized MLP (1000 -> 2000) on a batch of 2500 activations, as lora.metrics.predict
+Times linear2 of the oversized MLP (1000 -> 2000) on a batch of 2500 activations, as lora_mnist.metrics.predict
 feeds it, with a given share of non-zeros: dense `F.linear`, and the sparse path (count the non-zeros and
-convert to CSR, as `lora.mlp.sparse_if_mostly_zero` does, then the product). The crossing point is where
-lora.mlp.SPARSE_DENSITY belongs; the last row is the trained base model's real activations on the test set.
+convert to CSR, as `lora_mnist.fast.sparse.sparse_if_mostly_zero` does, then the product). The crossing point is where
+lora_mnist.fast.sparse.SPARSE_DENSITY belongs; the last row is the trained base model's real activations on the test set.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import torch
 from torch.nn import functional as F
 
 from bench.pipeline import median_seconds
-from lora.mlp import SPARSE_DENSITY, OversizedMLP, sparse_if_mostly_zero
+from lora_mnist.fast.sparse import SPARSE_DENSITY, sparse_if_mostly_zero
+from lora_mnist.mlp import OversizedMLP
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +38,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     model = OversizedMLP().eval()
     weight, bias = model.linear2.weight, model.linear2.bias
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; lora.mlp.SPARSE_DENSITY = {SPARSE_DENSITY}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; lora_mnist.fast.sparse.SPARSE_DENSITY = {SPARSE_DENSITY}")
     print()
     print("| activations (2500 x 1000) | non-zeros | dense (ms) | sparse (ms) | sparse / dense |")
     print("|---|---:|---:|---:|---:|")
@@ -46,8 +47,8 @@ def main() -> None:
         row("random", values * (torch.rand(2500, 1000, generator=generator) < density), weight, bias)
     base = ROOT / "models" / "base.safetensors"
     if base.exists():
-        from lora.data import load_split
-        from lora.files import load_tensors
+        from lora_mnist.data import load_split
+        from lora_mnist.io import load_tensors
 
         model.load_state_dict(load_tensors(base))
         images, _ = load_split(ROOT / "data" / "mnist" / "raw", "test")

@@ -15,8 +15,11 @@ from typing import Any
 
 import yaml
 
-from lora.files import write_text
-from tasks.common import EXPECTED_ERRORS, PARAMS_FILE, set_dotted, with_overrides
+from lora_mnist.backend import check_backend
+from lora_mnist.errors import EXPECTED_ERRORS
+from lora_mnist.io import write_text
+from tasks.finetune import lora_config
+from tasks.params import PARAMS_FILE, ParamsError, load_raw, set_dotted, with_overrides
 
 # Order of dvc.yaml's DAG; the flows run the stages in this order.
 STAGES = ("download", "pretrain", "analyze", "finetune", "evaluate")
@@ -44,7 +47,7 @@ def one_line_errors() -> Iterator[None]:
     """For the flow commands: a known failure becomes one line on stderr and exit status 2."""
     try:
         yield
-    except (*EXPECTED_ERRORS, StageFailed, ValueError) as exc:
+    except (*EXPECTED_ERRORS, ParamsError, StageFailed, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)  # Prefect has logged the traceback already
         sys.exit(2)
 
@@ -61,7 +64,9 @@ def reproduce(stage: str, log: Callable[[str], Any]) -> None:
 
 def validate_overrides(overrides: dict[str, Any]) -> None:
     """Refuse, before anything runs, an override of an unknown key or to a value params.yaml forbids."""
-    with_overrides(yaml.safe_load(PARAMS_FILE.read_text()), overrides)  # raises ParamsError naming the bad value
+    params = with_overrides(load_raw(PARAMS_FILE), overrides)  # raises ParamsError naming the bad value
+    lora_config(params)  # the `lora` section, checked by LoRAConfig
+    check_backend(params.backend)
 
 
 def apply_overrides(overrides: dict[str, Any]) -> None:

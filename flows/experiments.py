@@ -17,10 +17,12 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.dvc_stage import checkout_lock, one_line_errors
 from flows.pipeline import dvc_stage
-from tasks.report import REPORT, SUMMARY
+from tasks.paths import EXPERIMENT_REPORT as REPORT
+from tasks.paths import EXPERIMENT_SUMMARY as SUMMARY
+from tasks.report import SECTIONS
 
 EXPERIMENTS_FILE = "experiments/dvc.yaml"
-GROUPS = ("rank_sweep", "replay_sweep", "seeds", "digit_adapters", "full_finetune")
+GROUPS = tuple(SECTIONS)  # each group is a stage of experiments/dvc.yaml with a section of the report
 
 
 @flow(name="lora-mnist-experiments", log_prints=True)

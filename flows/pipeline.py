@@ -36,7 +36,8 @@ from flows.dvc_stage import (
     send,
     snapshot,
 )
-from tasks.common import ADAPTER_DIR, BASE_WEIGHTS, EVALUATE_METRICS, FINETUNE_METRICS, parse_overrides
+from tasks.params import parse_overrides
+from tasks.paths import ADAPTER_DIR, BASE_WEIGHTS, EVALUATE_METRICS, FINETUNE_METRICS
 
 TRAIN_DEPLOYMENT = "lora-mnist-train/gpu"
 
@@ -137,25 +138,19 @@ def publish_artifacts(stage_runs: list[dict[str, str]]) -> None:
 
 @flow(name="lora-mnist-pipeline", log_prints=True)
 def pipeline(
-    rank: int | None = None,
-    alpha: float | None = None,
-    digit: int | str | None = None,
-    finetune_steps: int | None = None,
     overrides: dict[str, Any] | None = None,
     training: str = "auto",
     experiment_name: str | None = None,
 ) -> dict[str, Any]:
     """Run the five stages in DAG order.
 
-    rank, alpha, digit, finetune_steps: shortcuts for lora.rank, lora.alpha, finetune.digit, finetune.steps.
-    overrides: any dotted params.yaml keys, as `dvc exp run -S` takes them ({"lora.init": "kaiming"}).
-        With any override the run is saved as a DVC experiment (`dvc exp show` lists it).
+    overrides: dotted params.yaml keys, as `dvc exp run -S` takes them ({"lora.rank": 4}). With any
+        override the run is saved as a DVC experiment (`dvc exp show` lists it).
     training: "auto" (gpu pool when available), "local" or "gpu-pool".
     """
     if training not in ("auto", "local", "gpu-pool"):
         raise ValueError(f"training={training!r} is invalid: 'auto', 'local' or 'gpu-pool' is allowed")
-    shortcuts = {"lora.rank": rank, "lora.alpha": alpha, "finetune.digit": digit, "finetune.steps": finetune_steps}
-    overrides = {**{k: v for k, v in shortcuts.items() if v is not None}, **(overrides or {})}
+    overrides = overrides or {}
     logger = get_run_logger()
     with checkout_lock():
         if overrides:

@@ -1,32 +1,31 @@
-"""The sweep flow: a grid of params overrides fanned out as concurrent DVC experiments.
+"""The sweep flow: a thin Prefect wrapper around DVC's own experiment queue.
 
-Each grid point is a Prefect task running `dvc exp run --temp -S …` in its own temporary workspace, so
-points run side by side; pretrain is restored from DVC's run cache instead of re-run when only LoRA or
-fine-tuning params change. `dvc exp show` lists the results; a table artifact summarises them.
+Every point of the grid is queued with `dvc exp run --queue --name … -S key=value` (each point checked
+first), then `dvc exp run --run-all --jobs N` runs the queue, each point in its own temporary workspace;
+pretrain comes from DVC's run cache when only LoRA or fine-tuning params change. The flow ends with a
+table of the points' results, printed and published as an artifact. Without Prefect, the same is:
 
-    python -m flows.sweep -S lora.rank=1,2,4,8 -S lora.alpha=1,4 --parallel 2
+    dvc exp run --queue -S lora.rank=1,2,4 && dvc exp run --run-all --jobs 2 && dvc exp show
+
+    python -m flows.sweep -S lora.rank=1,2,4,8 -S lora.alpha=1,4 --jobs 2
 """
 from __future__ import annotations
 
 import argparse
 import itertools
-import time
 from typing import Any
 
-import yaml
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.dvc_stage import dvc, one_line_errors, set_param_args, validate_overrides
+from tasks.params import ParamsError, read_yaml
 
-SUMMARY_COLUMNS = {
-    "digit": "digit",
-    "digit_errors.base": "digit errors (base)",
-    "digit_errors.lora_on": "digit errors (LoRA on)",
-    "base.accuracy": "accuracy (base)",
-    "lora_on.accuracy": "accuracy (LoRA on)",
-    "trainable_parameters": "trainable parameters",
+RESULT_COLUMNS = {
+    "metrics/evaluate.json:digit": "digit",
+    "metrics/evaluate.json:digit_errors.base": "digit errors, base",
+    "metrics/evaluate.json:digit_errors.lora_on": "digit errors, LoRA on",
+    "metrics/evaluate.json:lora_on.accuracy": "accuracy, LoRA on",
 }
 
 
@@ -40,53 +39,74 @@ def experiment_name(prefix: str, overrides: dict[str, Any]) -> str:
     return "-".join([prefix, *parts]).replace(".", "_")
 
 
-@task(task_run_name="{name}")
-def run_experiment(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    started = time.time()
-    dvc("exp", "run", "--temp", "--name", name, *set_param_args(overrides))
-    return {"name": name, "overrides": overrides, "started": started, "finished": time.time()}
-
-
-@flow(name="lora-mnist-sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
-def sweep(grid: dict[str, list[Any]], prefix: str = "sweep") -> list[dict[str, Any]]:
-    """Run every combination of ``grid`` ({"lora.rank": [1, 2, 4]}) as a DVC experiment, concurrently."""
-    points = grid_points(grid)
+@task
+def queue_points(points: list[dict[str, Any]], prefix: str) -> list[str]:
+    names = []
     for overrides in points:
-        validate_overrides(overrides)  # every point is checked before any runs
-    futures = [run_experiment.submit(experiment_name(prefix, o), o) for o in points]
-    runs = [future.result() for future in futures]
-    publish_summary(runs, list(grid))
-    return runs
+        names.append(experiment_name(prefix, overrides))
+        dvc("exp", "run", "--queue", "--name", names[-1], *set_param_args(overrides))
+    return names
 
 
-def publish_summary(runs: list[dict[str, Any]], keys: list[str]) -> None:
+@task
+def run_queue(jobs: int) -> None:
+    dvc("exp", "run", "--run-all", "--jobs", str(jobs))
+
+
+def results_table(names: list[str], keys: list[str]) -> list[dict[str, Any]]:
+    """One row per experiment: its params and headline metrics, from `dvc exp show`."""
     import dvc.api
 
-    by_name = {row["Experiment"]: row for row in dvc.api.exp_show() if row.get("Experiment")}
-    table = []
-    for run in runs:
-        row = by_name.get(run["name"], {})
-        table.append({"experiment": run["name"], **{k: row.get(k) for k in keys},
-                      **{label: row.get(column) for column, label in SUMMARY_COLUMNS.items()}})
+    shown = {row.get("Experiment"): row for row in dvc.api.exp_show()}
+    rows = []
+    for name in names:
+        row = shown.get(name) or {}
+        rows.append({"experiment": name, **{key: row.get(key) for key in keys},
+                     **{label: row.get(column, row.get(column.split(":", 1)[1])) for column, label in RESULT_COLUMNS.items()}})
+    return rows
+
+
+@flow(name="lora-mnist-sweep", log_prints=True)
+def sweep(grid: dict[str, list[Any]], prefix: str = "sweep", jobs: int = 2) -> list[dict[str, Any]]:
+    """Every combination of ``grid`` ({"lora.rank": [1, 2, 4]}) as a DVC experiment; returns their results."""
+    points = grid_points(grid)
+    for overrides in points:
+        validate_overrides(overrides)  # every point is checked before any is queued
+    names = queue_points(points, prefix)
+    run_queue(jobs)
+    table = results_table(names, list(grid))
     create_table_artifact(key="sweep-results", table=table, description="One row per DVC experiment of the sweep")
+    return table
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    columns = list(rows[0]) if rows else []
+    cells = [[str(row[c]) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    grid = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise ParamsError(f"-S {item!r} is invalid: key=value1,value2 is allowed")
+        grid[key] = [read_yaml(v, f"-S {item!r}") for v in values.split(",")]
+    return grid
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Run a grid of LoRA-MNIST experiments concurrently.")
+    parser = argparse.ArgumentParser(description="Run a grid of LoRA-MNIST experiments through DVC's queue.")
     parser.add_argument("-S", "--set-param", dest="grid", action="append", required=True, metavar="KEY=V1,V2,…")
-    parser.add_argument("--parallel", type=int, default=2, help="experiments at a time (default 2)")
+    parser.add_argument("--jobs", type=int, default=2, help="experiments at a time (default 2)")
     parser.add_argument("--prefix", default="sweep")
     args = parser.parse_args()
-    grid = {}
-    for item in args.grid:
-        key, sep, values = item.partition("=")
-        if not sep or not values:
-            raise SystemExit(f"error: -S {item!r} is invalid: key=value1,value2 is allowed")
-        grid[key] = [yaml.safe_load(v) for v in values.split(",")]
     with one_line_errors():
-        runs = sweep.with_options(task_runner=ThreadPoolTaskRunner(max_workers=args.parallel))(grid=grid, prefix=args.prefix)
-    print("\n".join(run["name"] for run in runs))
-    print("compare them with: dvc exp show")
+        table = sweep(grid=parse_grid(args.grid), prefix=args.prefix, jobs=args.jobs)
+    print(format_table(table))
 
 
 if __name__ == "__main__":

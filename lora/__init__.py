@@ -1,4 +1,8 @@
-"""lora: a small pure-PyTorch LoRA library (Hu et al. 2021) and the MNIST experiment's building blocks."""
+"""lora: a small pure-PyTorch LoRA library (Hu et al. 2021) for the nn.Linear layers of any model.
+
+config (LoRAConfig) · layer (LoRALinear, wrapping an nn.Linear) · model (inject, freeze, switch, merge,
+disable) · save_load (PEFT-compatible adapter files). It needs torch and safetensors, nothing else.
+"""
 from .config import INIT_METHODS, LoRAConfig, LoRAConfigError
 from .layer import LoRALinear, LoRAMergeError
 from .model import (

@@ -2,12 +2,20 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 
 class LoRAConfigError(ValueError):
-    """A LoRA setting is outside what is allowed; the message names the value and the allowed range."""
+    """A LoRA setting is outside what is allowed; the message names the field, the value and what is allowed."""
+
+    def __init__(self, field: str, value: Any, allowed: str) -> None:
+        super().__init__(f"{field}={value!r} is invalid: {allowed} is allowed")
+        self.field, self.value, self.allowed = field, value, allowed
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # How A is initialised; B always starts at zero so that ΔW = B·A = 0 before training.
@@ -30,30 +38,25 @@ class LoRAConfig:
     dropout: float = 0.0
     init: str = "normal"
     use_rslora: bool = False
-    target_modules: tuple[str, ...] = field(default=("linear1", "linear2", "linear3"))
+    target_modules: tuple[str, ...] = ()  # the names of the nn.Linear modules to adapt; required
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (list, str)):
             targets = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
             object.__setattr__(self, "target_modules", tuple(targets))
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise LoRAConfigError(f"lora rank r={self.r!r} is invalid: an integer >= 1 is allowed")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (
-            math.isfinite(self.alpha) and self.alpha > 0
-        ):
-            raise LoRAConfigError(f"lora alpha={self.alpha!r} is invalid: a finite number > 0 is allowed")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not (
-            0.0 <= self.dropout < 1.0
-        ):
-            raise LoRAConfigError(f"lora dropout={self.dropout!r} is invalid: a number in [0, 1) is allowed")
-        if self.init not in INIT_METHODS:
-            raise LoRAConfigError(f"lora init={self.init!r} is invalid: one of {sorted(INIT_METHODS)} is allowed")
-        if not isinstance(self.use_rslora, bool):
-            raise LoRAConfigError(f"lora use_rslora={self.use_rslora!r} is invalid: true or false is allowed")
-        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-            raise LoRAConfigError(
-                f"lora target_modules={list(self.target_modules)!r} is invalid: a non-empty list of module names is allowed"
-            )
+        checks = [
+            ("r", isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1, "an integer >= 1"),
+            ("alpha", _is_number(self.alpha) and self.alpha > 0, "a finite number > 0"),
+            ("dropout", _is_number(self.dropout) and 0.0 <= self.dropout < 1.0, "a number in [0, 1)"),
+            ("init", isinstance(self.init, str) and self.init in INIT_METHODS, f"one of {sorted(INIT_METHODS)}"),
+            ("use_rslora", isinstance(self.use_rslora, bool), "true or false"),
+            ("target_modules", bool(self.target_modules) and all(isinstance(t, str) and t for t in self.target_modules),
+             "a non-empty list of the names of the nn.Linear modules to adapt"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                value = getattr(self, name)
+                raise LoRAConfigError(name, list(value) if isinstance(value, tuple) else value, allowed)
 
     @property
     def scaling(self) -> float:
@@ -68,5 +71,5 @@ class LoRAConfig:
     def from_dict(cls, data: dict[str, Any]) -> "LoRAConfig":
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
-            raise LoRAConfigError(f"unknown LoRA config keys {unknown}: allowed are {sorted(cls.__dataclass_fields__)}")
+            raise LoRAConfigError("keys", unknown, f"only {sorted(cls.__dataclass_fields__)}")
         return cls(**data)

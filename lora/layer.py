@@ -1,9 +1,8 @@
 """LoRALinear: a wrapper around an existing nn.Linear that adds named low-rank adapters.
 
 The wrapped layer is kept as ``base_layer`` and never copied. Its weight is only written by an
-explicit ``merge()``/``unmerge()``; the training path computes ``base(x) + B(A(dropout(x)) * scale)``
-(= base(x) + B(A(x))·scale) and never materialises W + B·A. While training on CPU, base(x) of the frozen
-layer goes through the CPU kernels (:func:`lora.fused.frozen_linear`), which are faster at small batches.
+explicit ``merge()``/``unmerge()``; the forward computes ``base_layer(x) + B(A(dropout(x)))·scale``, as
+PEFT does, and never materialises W + B·A.
 """
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig
-from .fused import frozen_linear
 
 
 class LoRAMergeError(RuntimeError):
@@ -105,13 +103,12 @@ class LoRALinear(nn.Module):
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * (self.scaling[name] * self.inference_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = frozen_linear(self.base_layer, x)
+        out = self.base_layer(x)
         name = self.active_adapter
         if self.disabled or self.merged or name is None or self.inference_scale == 0:
             return out
-        # Scaling the rank-r activations equals scaling B(A(x)) and touches r values per row instead of out.
         scale = self.scaling[name] * self.inference_scale
-        return out + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)) * scale)
+        return out + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * scale
 
     @torch.no_grad()
     def merge(self, name: str | None = None) -> None:

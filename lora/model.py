@@ -32,7 +32,7 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = DEFAULT_ADA
         module = modules.get(target)
         if not isinstance(module, nn.Linear):
             linears = sorted(n for n, m in modules.items() if isinstance(m, nn.Linear))
-            raise LoRAConfigError(f"target module {target!r} is not an nn.Linear of the model: allowed are {linears}")
+            raise LoRAConfigError("target_modules", target, f"the name of an nn.Linear of the model ({', '.join(linears)})")
         parent_name, _, child = target.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear(module, adapter_name, config))
@@ -52,7 +52,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The base model's tensors under their original names (``linear1.weight``), without any LoRA tensor."""
+    """The base model's tensors under their original names (``fc1.weight``), without any LoRA tensor."""
     state = {}
     for name, tensor in model.state_dict().items():
         if ".lora_A." in name or ".lora_B." in name:

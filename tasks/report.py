@@ -1,24 +1,34 @@
 """Experiment report: experiments/results/**.json collected into experiments/report.md with PNG plots.
 
-Also writes the CSV tables that `dvc plots show` renders (experiments/plots/) and the headline numbers
-of every group, experiments/metrics.json, for `dvc metrics diff`. A section whose results are missing
-says so instead of failing, so the report builds from any subset of the experiment stages.
+Each experiment group of experiments/dvc.yaml has one section builder in SECTIONS (the one list of the
+groups): it turns the group's results into a :class:`Section` (Markdown lines, headline numbers for
+experiments/metrics.json, CSV tables for `dvc plots show`, figures), and :func:`run` writes them all. A
+group without results is named as not run instead of failing the report.
 """
 from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora.data import DataError
-from lora.files import write_csv, write_json, write_text
+from lora_mnist.errors import DataError
+from lora_mnist.io import write_csv, write_json, write_text
 
-from .common import EXPERIMENT_RESULTS, pyplot, run_cli, save_figure
+from .cli import run_cli
+from .params import Params
+from .paths import EXPERIMENT_PLOTS, EXPERIMENT_REPORT, EXPERIMENT_RESULTS, EXPERIMENT_SUMMARY
+from .plotting import pyplot, save_figure
 
-PLOTS = Path("experiments/plots")
-REPORT = Path("experiments/report.md")
-SUMMARY = Path("experiments/metrics.json")
+
+@dataclass
+class Section:
+    lines: list[str]
+    summary: Any
+    tables: dict[str, list[list[Any]]] = field(default_factory=dict)  # experiments/plots/<name>.csv
+    figures: dict[str, Any] = field(default_factory=dict)  # experiments/plots/<name>.png
 
 
 def load_results(results: Path = EXPERIMENT_RESULTS) -> dict[str, list[dict[str, Any]]]:
@@ -37,12 +47,16 @@ def load_results(results: Path = EXPERIMENT_RESULTS) -> dict[str, list[dict[str,
     return groups
 
 
+def errors_of(errors_per_digit: dict[str, int], digit: int) -> int:
+    return errors_per_digit[str(digit)]
+
+
+def other_errors(errors_per_digit: dict[str, int], digit: int) -> int:
+    return sum(errors_per_digit.values()) - errors_per_digit[str(digit)]
+
+
 def digit_errors(run: dict[str, Any], key: str = "lora_on") -> int:
-    return run[key]["errors_per_digit"][run["digit"]]
-
-
-def other_errors(errors_per_digit: list[int], digit: int) -> int:
-    return sum(errors_per_digit) - errors_per_digit[digit]
+    return errors_of(run[key]["errors_per_digit"], run["digit"])
 
 
 def pareto_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -70,13 +84,68 @@ def frontier_points(replay_runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         {
             "replay_fraction": run["replay_fraction"],
             "scale": point["scale"],
-            "digit_errors": point["errors_per_digit"][run["digit"]],
+            "digit_errors": errors_of(point["errors_per_digit"], run["digit"]),
             "other_errors": other_errors(point["errors_per_digit"], run["digit"]),
             "accuracy": point["accuracy"],
         }
         for run in sorted(replay_runs, key=lambda r: r["replay_fraction"])
         for point in run["scale_curve"]
     ]
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, int) or float(value).is_integer():
+        return str(int(value))
+    return f"{value:.4f}" if abs(value) < 1 else f"{value:.1f}"
+
+
+def _bytes(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count / 1024:.1f} KiB"
+
+
+def rank_sweep(runs: list[dict[str, Any]]) -> Section:
+    runs = sorted(runs, key=lambda r: (r["alpha"], r["rank"]))
+    alphas, ranks = sorted({r["alpha"] for r in runs}), sorted({r["rank"] for r in runs})
+    by_key = {(r["rank"], r["alpha"]): r for r in runs}
+    kinds = {"digit_errors": digit_errors, "accuracy": lambda r: r["lora_on"]["accuracy"]}
+    table = [["rank"] + [f"{kind}_alpha{_fmt(a)}" for kind in kinds for a in alphas]] + [
+        [rank] + [value(by_key[rank, a]) if (rank, a) in by_key else "" for value in kinds.values() for a in alphas]
+        for rank in ranks
+    ]
+
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(10, 3.6))
+    for alpha in alphas:
+        points = [r for r in runs if r["alpha"] == alpha]
+        left.plot([r["rank"] for r in points], [digit_errors(r) for r in points], marker="o", label=f"alpha {_fmt(alpha)}")
+        right.plot([r["rank"] for r in points], [r["lora_on"]["accuracy"] for r in points], marker="o", label=f"alpha {_fmt(alpha)}")
+    right.axhline(runs[0]["base"]["accuracy"], color="grey", linestyle=":", label="base model")
+    for ax, ylabel in ((left, "target-digit test errors"), (right, "overall test accuracy")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.set_xlabel("rank r")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+    fig.suptitle(f"Rank sweep: adapters trained on digit {runs[0]['digit']}, scored with LoRA on")
+    fig.tight_layout()
+
+    lines = [
+        "## Rank sweep",
+        "",
+        f"Digit {runs[0]['digit']}, {runs[0]['steps']} steps, scaling = alpha / r. Base model: "
+        f"{digit_errors(runs[0], 'base')} target-digit errors, accuracy {runs[0]['base']['accuracy']:.4f}.",
+        "",
+        "| rank | alpha | scaling | trainable parameters | adapter file | target errors | other digits' errors | accuracy |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *(f"| {r['rank']} | {_fmt(r['alpha'])} | {r['scaling']:g} | {r['trainable_parameters']:,} | "
+          f"{r['adapter_file_bytes'] / 1024:.1f} KiB | {digit_errors(r)} | "
+          f"{other_errors(r['lora_on']['errors_per_digit'], r['digit'])} | {r['lora_on']['accuracy']:.4f} |" for r in runs),
+        "",
+        "![rank sweep](plots/rank_sweep.png)",
+        "",
+    ]
+    summary = {f"r{r['rank']}-a{_fmt(r['alpha'])}": {"digit_errors": digit_errors(r), "accuracy": r["lora_on"]["accuracy"]}
+               for r in sorted(runs, key=lambda r: (r["rank"], r["alpha"]))}
+    return Section(lines, summary, {"rank_sweep": table}, {"rank_sweep": fig})
 
 
 # metrics key -> table heading
@@ -89,7 +158,7 @@ SEED_COLUMNS = {
 }
 
 
-def seed_table(runs: list[dict[str, Any]]) -> tuple[list[str], dict[str, tuple[float, float]]]:
+def seeds(runs: list[dict[str, Any]]) -> Section:
     runs = sorted(runs, key=lambda r: r["seed"])
     columns = {
         "base_accuracy": [r["base"]["accuracy"] for r in runs],
@@ -101,105 +170,34 @@ def seed_table(runs: list[dict[str, Any]]) -> tuple[list[str], dict[str, tuple[f
             for r in runs
         ],
     }
-    lines = ["| seed | digit | " + " | ".join(SEED_COLUMNS.values()) + " |", "|---:|---:|" + "---:|" * len(columns)]
-    for i, run in enumerate(runs):
-        lines.append(f"| {run['seed']} | {run['digit']} | " + " | ".join(_fmt(values[i]) for values in columns.values()) + " |")
     stats = {key: mean_std([float(v) for v in values]) for key, values in columns.items()}
-    lines.append("| **mean ± std** | | " + " | ".join(f"{_fmt(m)} ± {_fmt(s)}" for m, s in stats.values()) + " |")
-    return lines, stats
-
-
-def _fmt(value: float) -> str:
-    if isinstance(value, int) or float(value).is_integer():
-        return str(int(value))
-    return f"{value:.4f}" if abs(value) < 1 else f"{value:.1f}"
-
-
-def _save(fig: Any, name: str) -> str:
-    save_figure(fig, PLOTS / name)
-    return f"plots/{name}"
-
-
-def rank_section(runs: list[dict[str, Any]]) -> list[str]:
-    runs = sorted(runs, key=lambda r: (r["alpha"], r["rank"]))
-    alphas = sorted({r["alpha"] for r in runs})
-    ranks = sorted({r["rank"] for r in runs})
-    by_key = {(r["rank"], r["alpha"]): r for r in runs}
-    header = ["rank"] + [f"{kind}_alpha{_fmt(a)}" for kind in ("digit_errors", "accuracy") for a in alphas]
-    table = [header] + [
-        [rank] + [
-            (digit_errors(by_key[rank, a]) if kind == "digit_errors" else by_key[rank, a]["lora_on"]["accuracy"])
-            if (rank, a) in by_key else ""
-            for kind in ("digit_errors", "accuracy") for a in alphas
-        ]
-        for rank in ranks
-    ]
-    write_csv(PLOTS / "rank_sweep.csv", table)
-
-    plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for alpha in alphas:
-        points = [(r["rank"], digit_errors(r), r["lora_on"]["accuracy"]) for r in runs if r["alpha"] == alpha]
-        left.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"alpha {_fmt(alpha)}")
-        right.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=f"alpha {_fmt(alpha)}")
-    right.axhline(runs[0]["base"]["accuracy"], color="grey", linestyle=":", label="base model")
-    for ax, ylabel in ((left, "target-digit test errors"), (right, "overall test accuracy")):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ranks, [str(r) for r in ranks])
-        ax.set_xlabel("rank r")
-        ax.set_ylabel(ylabel)
-        ax.legend()
-    fig.suptitle(f"Rank sweep: adapters trained on digit {runs[0]['digit']}, scored with LoRA on")
-    fig.tight_layout()
-    image = _save(fig, "rank_sweep.png")
-
-    lines = [
-        "## Rank sweep",
-        "",
-        f"Digit {runs[0]['digit']}, {runs[0]['steps']} steps, scaling = alpha / r. Base model: "
-        f"{digit_errors(runs[0], 'base')} target-digit errors, accuracy {runs[0]['base']['accuracy']:.4f}.",
-        "",
-        "| rank | alpha | scaling | trainable parameters | adapter file | target errors | other digits' errors | accuracy |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in runs:
-        lines.append(
-            f"| {r['rank']} | {_fmt(r['alpha'])} | {r['scaling']:g} | {r['trainable_parameters']:,} | "
-            f"{r['adapter_file_bytes'] / 1024:.1f} KiB | {digit_errors(r)} | "
-            f"{other_errors(r['lora_on']['errors_per_digit'], r['digit'])} | {r['lora_on']['accuracy']:.4f} |"
-        )
-    return lines + ["", f"![rank sweep]({image})", ""]
-
-
-def seeds_section(runs: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
-    table, stats = seed_table(runs)
-    write_csv(PLOTS / "seeds.csv", (
-        [["seed", "base_accuracy", "lora_on_accuracy"]]
-        + [[r["seed"], r["base"]["accuracy"], r["lora_on"]["accuracy"]] for r in sorted(runs, key=lambda r: r["seed"])]
-    ))
     lines = [
         "## Variance over seeds",
         "",
         f"The whole comparison (pretrain, worst digit, LoRA, evaluation) repeated with {len(runs)} seeds; "
         "each seed picks its own worst digit. Standard deviations are sample standard deviations.",
         "",
-        *table,
+        "| seed | digit | " + " | ".join(SEED_COLUMNS.values()) + " |",
+        "|---:|---:|" + "---:|" * len(columns),
+        *(f"| {run['seed']} | {run['digit']} | " + " | ".join(_fmt(values[i]) for values in columns.values()) + " |"
+          for i, run in enumerate(runs)),
+        "| **mean ± std** | | " + " | ".join(f"{_fmt(m)} ± {_fmt(s)}" for m, s in stats.values()) + " |",
         "",
     ]
+    table = [["seed", "base_accuracy", "lora_on_accuracy"]] + [[r["seed"], r["base"]["accuracy"], r["lora_on"]["accuracy"]] for r in runs]
     summary = {key: {"mean": round(m, 4), "std": round(s, 4)} for key, (m, s) in stats.items()}
-    return lines, summary
+    return Section(lines, summary, {"seeds": table})
 
 
-def frontier_section(runs: list[dict[str, Any]], points: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
-    """The section for the replay runs and their ``frontier_points``; returns it with the Pareto front."""
+def replay_sweep(runs: list[dict[str, Any]]) -> Section:
+    """The forgetting frontier: each replay fraction at each inference scale, and the Pareto front."""
+    points = frontier_points(runs)
     front = pareto_front(points)
-    write_csv(PLOTS / "frontier.csv", (
-        [["replay_fraction", "scale", "digit_errors", "other_errors", "accuracy"]]
-        + [[p["replay_fraction"], p["scale"], p["digit_errors"], p["other_errors"], p["accuracy"]] for p in points]
-    ))
+    table = [["replay_fraction", "scale", "digit_errors", "other_errors", "accuracy"]] + [
+        [p["replay_fraction"], p["scale"], p["digit_errors"], p["other_errors"], p["accuracy"]] for p in points
+    ]
 
-    plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4.2))
     for fraction in sorted({p["replay_fraction"] for p in points}):
         curve = [p for p in points if p["replay_fraction"] == fraction]
         for ax, key in ((left, "accuracy"), (right, "other_errors")):
@@ -212,22 +210,21 @@ def frontier_section(runs: list[dict[str, Any]], points: list[dict[str, Any]]) -
         ax.legend(fontsize=8)
     fig.suptitle("Forgetting trade-off: each curve is a replay fraction at inference scales 0 (right end) to 1")
     fig.tight_layout()
-    image = _save(fig, "frontier.png")
 
     digit = runs[0]["digit"]
     plain = next((r for r in runs if r["replay_fraction"] == 0), None)
     lines = ["## Forgetting and how to trade it", ""]
     if plain is not None:
-        added = other_errors(plain["lora_on"]["errors_per_digit"], digit) - other_errors(plain["base"]["errors_per_digit"], digit)
+        before, after = (other_errors(plain[key]["errors_per_digit"], digit) for key in ("base", "lora_on"))
         lines += [
-            f"Fine-tuned on digit {digit} alone, LoRA on adds {added} errors on the other nine digits "
-            f"({other_errors(plain['base']['errors_per_digit'], digit)} → {other_errors(plain['lora_on']['errors_per_digit'], digit)}). "
-            "Two levers: the adapter's scale at inference (no retraining) and replaying a share of the other "
-            "digits' images during fine-tuning. Each curve is one replay fraction from scale 0 (the base model) to 1.",
+            f"Fine-tuned on digit {digit} alone, LoRA on adds {after - before} errors on the other nine digits "
+            f"({before} → {after}). Two levers: the adapter's scale at inference (no retraining) and replaying a share "
+            "of the other digits' images during fine-tuning. Each curve is one replay fraction from scale 0 (the base "
+            "model) to 1.",
             "",
         ]
     lines += [
-        f"![frontier]({image})",
+        "![frontier](plots/frontier.png)",
         "",
         "Settings on the frontier (no other setting has both fewer target-digit errors and higher accuracy):",
         "",
@@ -236,60 +233,60 @@ def frontier_section(runs: list[dict[str, Any]], points: list[dict[str, Any]]) -
         *(f"| {p['replay_fraction']:g} | {p['scale']:g} | {p['digit_errors']} | {p['other_errors']} | {p['accuracy']:.4f} |" for p in front),
         "",
     ]
-    return lines, front
+    summary = {
+        "frontier": {"points": len(front), "max_accuracy": max(p["accuracy"] for p in front)},
+        "points": {f"replay-{p['replay_fraction']:g}": {k: p[k] for k in ("digit_errors", "other_errors", "accuracy")}
+                   for p in points if p["scale"] == 1.0},
+    }
+    return Section(lines, summary, {"frontier": table}, {"frontier": fig})
 
 
-def full_section(result: dict[str, Any]) -> list[str]:
+def full_finetune(runs: list[dict[str, Any]]) -> Section:
+    result = runs[0]
     digit = result["digit"]
     lines = [
         "## LoRA against full fine-tuning",
         "",
-        f"Same images (digit {digit}), {result['steps']} Adam steps, learning rate and seed; timed side by side in "
-        f"one process on {result['device']} ({result['torch_threads']} threads). Base: "
-        f"{result['base']['errors_per_digit'][digit]} target errors, accuracy {result['base']['accuracy']:.4f}.",
+        f"Same images (digit {digit}), {result['steps']} Adam steps, learning rate and seed. Base: "
+        f"{errors_of(result['base']['errors_per_digit'], digit)} target errors, accuracy {result['base']['accuracy']:.4f}. "
+        "Step times are the benchmark's (docs/performance.md), not a result of this run.",
         "",
-        "| | trainable parameters | optimiser state | file | step time | target errors | other digits' errors | accuracy |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| | trainable parameters | optimiser state | file | target errors | other digits' errors | accuracy |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, label in (("lora", "LoRA"), ("full", "full fine-tuning")):
         row = result[name]
         lines.append(
             f"| {label} | {row['trainable_parameters']:,} | {_bytes(row['optimizer_state_bytes'])} | {_bytes(row['file_bytes'])} | "
-            f"{row['step_ms']:.2f} ms | {row['errors_per_digit'][digit]} | {other_errors(row['errors_per_digit'], digit)} | "
-            f"{row['accuracy']:.4f} |"
+            f"{errors_of(row['errors_per_digit'], digit)} | {other_errors(row['errors_per_digit'], digit)} | {row['accuracy']:.4f} |"
         )
-    return lines + [""]
+    summary = {name: {"digit_errors": errors_of(result[name]["errors_per_digit"], digit), "accuracy": result[name]["accuracy"]}
+               for name in ("lora", "full")}
+    return Section(lines + [""], summary)
 
 
-def _bytes(count: int) -> str:
-    return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count / 1024:.1f} KiB"
-
-
-def digits_section(runs: list[dict[str, Any]]) -> list[str]:
+def digit_adapters(runs: list[dict[str, Any]]) -> Section:
     runs = sorted(runs, key=lambda r: r["digit"])
-    changes = [[on - base for on, base in zip(r["lora_on"]["errors_per_digit"], r["base"]["errors_per_digit"])] for r in runs]
-    write_csv(PLOTS / "digit_adapters.csv", (
-        [["adapter_digit"] + [f"change_digit_{d}" for d in range(10)]] + [[r["digit"], *row] for r, row in zip(runs, changes)]
-    ))
+    digits = range(10)
+    changes = [[r["lora_on"]["errors_per_digit"][str(d)] - r["base"]["errors_per_digit"][str(d)] for d in digits] for r in runs]
+    table = [["adapter_digit"] + [f"change_digit_{d}" for d in digits]] + [[r["digit"], *row] for r, row in zip(runs, changes)]
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
     from matplotlib.colors import SymLogNorm
 
+    fig, ax = pyplot().subplots(figsize=(6.5, 5.5))
     limit = max(1, max(abs(v) for row in changes for v in row))
     # Symmetric log colours: the fine-tuned digit's large drop would otherwise wash out the side effects.
     image_data = ax.imshow(changes, cmap="RdBu_r", norm=SymLogNorm(linthresh=5, vmin=-limit, vmax=limit))
     for i, row in enumerate(changes):
         for j, value in enumerate(row):
             ax.text(j, i, str(value), ha="center", va="center", fontsize=7)
-    ax.set_xticks(range(10))
+    ax.set_xticks(list(digits))
     ax.set_yticks(range(len(runs)), [str(r["digit"]) for r in runs])
     ax.set_xlabel("test digit")
     ax.set_ylabel("adapter trained on digit")
     ax.set_title("Change in test errors with each adapter on")
     fig.colorbar(image_data, ax=ax, shrink=0.8)
     fig.tight_layout()
-    image = _save(fig, "digit_adapters.png")
 
     adapters = sum(r["adapter_file_bytes"] for r in runs)
     copies = sum(r["base_file_bytes"] for r in runs)
@@ -301,66 +298,53 @@ def digits_section(runs: list[dict[str, Any]]) -> list[str]:
         "Rows: the digit an adapter was trained on; columns: the change in test errors of each digit with it on "
         "(negative is better).",
         "",
-        "| adapter | " + " | ".join(str(d) for d in range(10)) + " | accuracy |",
+        "| adapter | " + " | ".join(str(d) for d in digits) + " | accuracy |",
         "|---:|" + "---:|" * 11,
+        *(f"| {r['digit']} | " + " | ".join(f"**{v}**" if d == r["digit"] else str(v) for d, v in enumerate(row))
+          + f" | {r['lora_on']['accuracy']:.4f} |" for r, row in zip(runs, changes)),
+        "",
+        "![digit adapters](plots/digit_adapters.png)",
+        "",
     ]
-    for r, row in zip(runs, changes):
-        lines.append(f"| {r['digit']} | " + " | ".join(f"**{v}**" if d == r["digit"] else str(v) for d, v in enumerate(row))
-                     + f" | {r['lora_on']['accuracy']:.4f} |")
-    return lines + ["", f"![digit adapters]({image})", ""]
+    summary = {f"digit-{r['digit']}": {"digit_errors_change": digit_errors(r) - digit_errors(r, "base"), "accuracy": r["lora_on"]["accuracy"]}
+               for r in runs}
+    return Section(lines, summary, {"digit_adapters": table}, {"digit_adapters": fig})
 
 
-SECTIONS = ("rank_sweep", "seeds", "replay_sweep", "full_finetune", "digit_adapters")
+# The experiment groups, in report order: each is a stage of experiments/dvc.yaml (tests/test_dvc_graph.py).
+SECTIONS: dict[str, Callable[[list[dict[str, Any]]], Section]] = {
+    "rank_sweep": rank_sweep,
+    "seeds": seeds,
+    "replay_sweep": replay_sweep,
+    "full_finetune": full_finetune,
+    "digit_adapters": digit_adapters,
+}
 
 
-def run(params: dict[str, Any] | None = None) -> dict[str, Any]:
+def run(params: Params | None = None) -> dict[str, Any]:
     groups = load_results()
-    PLOTS.mkdir(parents=True, exist_ok=True)  # a DVC output of the stage, even when no section has a plot
+    sections = {name: build(groups[name]) for name, build in SECTIONS.items() if name in groups}
+    missing = [name for name in SECTIONS if name not in groups]
+    EXPERIMENT_PLOTS.mkdir(parents=True, exist_ok=True)  # a DVC output of the stage, even when no section has a plot
+    for section in sections.values():
+        for name, rows in section.tables.items():
+            write_csv(EXPERIMENT_PLOTS / f"{name}.csv", rows)
+        for name, fig in section.figures.items():
+            save_figure(fig, EXPERIMENT_PLOTS / f"{name}.png")
     lines = [
         "# Experiments",
         "",
         "Generated by `dvc repro experiments/dvc.yaml` (stage `report`, tasks/report.py) from the committed results "
         "in experiments/results/; do not edit by hand.",
         "",
+        *(line for section in sections.values() for line in section.lines),
     ]
-    summary: dict[str, Any] = {}
-    missing = [name for name in SECTIONS if name not in groups]
-    if "rank_sweep" in groups:
-        lines += rank_section(groups["rank_sweep"])
-        summary["rank_sweep"] = {
-            f"r{r['rank']}-a{_fmt(r['alpha'])}": {"digit_errors": digit_errors(r), "accuracy": r["lora_on"]["accuracy"]}
-            for r in sorted(groups["rank_sweep"], key=lambda r: (r["rank"], r["alpha"]))
-        }
-    if "seeds" in groups:
-        seed_lines, summary["seeds"] = seeds_section(groups["seeds"])
-        lines += seed_lines
-    if "replay_sweep" in groups:
-        points = frontier_points(groups["replay_sweep"])
-        frontier_lines, front = frontier_section(groups["replay_sweep"], points)
-        lines += frontier_lines
-        summary["frontier"] = {"points": len(front), "max_accuracy": max(p["accuracy"] for p in front)}
-        summary["replay_sweep"] = {
-            f"replay-{p['replay_fraction']:g}": {k: p[k] for k in ("digit_errors", "other_errors", "accuracy")}
-            for p in points if p["scale"] == 1.0
-        }
-    if "full_finetune" in groups:
-        full = groups["full_finetune"][0]
-        lines += full_section(full)
-        summary["full_vs_lora"] = {
-            name: {"digit_errors": full[name]["errors_per_digit"][full["digit"]], "accuracy": full[name]["accuracy"]}
-            for name in ("lora", "full")
-        }
-    if "digit_adapters" in groups:
-        lines += digits_section(groups["digit_adapters"])
-        summary["digit_adapters"] = {
-            f"digit-{r['digit']}": {"digit_errors_change": digit_errors(r) - digit_errors(r, "base"), "accuracy": r["lora_on"]["accuracy"]}
-            for r in sorted(groups["digit_adapters"], key=lambda r: r["digit"])
-        }
     if missing:
         lines += ["## Not run", "", "No results yet for: " + ", ".join(missing) + ".", ""]
-    write_text(REPORT, "\n".join(lines))
-    write_json(SUMMARY, summary)
-    print(f"report: {REPORT} with {len(SECTIONS) - len(missing)} of {len(SECTIONS)} sections")
+    summary = {name: section.summary for name, section in sections.items()}
+    write_text(EXPERIMENT_REPORT, "\n".join(lines))
+    write_json(EXPERIMENT_SUMMARY, summary)
+    print(f"report: {EXPERIMENT_REPORT} with {len(sections)} of {len(SECTIONS)} sections")
     return summary
 
 

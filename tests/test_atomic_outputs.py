@@ -13,13 +13,15 @@ import time
 import pytest
 import yaml
 
-from lora.files import atomic_dir, atomic_path
-from tests.conftest import ROOT
+from lora.files import atomic_dir
+from lora_mnist.io import atomic_path
+from tests.helpers import ROOT
 
 KILL_MID_WRITE = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from lora.files import atomic_dir, atomic_path
+    from lora.files import atomic_dir
+    from lora_mnist.io import atomic_path
     target, kind = Path(sys.argv[1]), sys.argv[2]
     context = atomic_path(target) if kind == "file" else atomic_dir(target)
     with context as tmp:
@@ -53,6 +55,7 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # the full-size model, pretrained seven times
 def test_pretrain_killed_at_random_moments_leaves_weights_absent_or_complete(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["model"] = {"hidden_1": 1000, "hidden_2": 2000}  # full-size weights: the save takes a while

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from lora import LoRAConfig, base_state_dict, inject, mark_only_lora_trainable
-from lora import train as train_module
-from lora.metrics import predict
-from lora.mlp import OversizedMLP
-from lora.train import graph_plan, train
+from lora_mnist.backend import make_optimizer
+from lora_mnist.fast import cuda_graphs
+from lora_mnist.fast.cuda_graphs import graph_plan
+from lora_mnist.metrics import predict
+from lora_mnist.mlp import LAYERS, OversizedMLP
+from lora_mnist.train import train
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -43,23 +45,29 @@ def _data(samples: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     return images.to(device), labels.to(device)
 
 
-def _pretrained(device: str, steps: int = 30, **train_options) -> tuple[OversizedMLP, torch.Tensor]:
+def _eager(model: OversizedMLP, lr: float) -> dict:
+    """train()'s options for the eager loop with the same Adam the graphs replay."""
+    return {"backend": "torch", "optimizer": make_optimizer([p for p in model.parameters() if p.requires_grad], lr, "auto")}
+
+
+def _pretrained(device: str, steps: int = 30, graphed: bool = True) -> tuple[OversizedMLP, torch.Tensor]:
     torch.manual_seed(0)
     model = OversizedMLP(hidden_1=64, hidden_2=48).to(device)
     images, labels = _data(203, device)  # batches of 17 with a short one (16) at the end of every epoch
-    losses = train(model, images, labels, steps=steps, batch_size=17, lr=1e-3, seed=0, desc="test", **train_options)
+    options = {"backend": "auto", "optimizer": make_optimizer(list(model.parameters()), 1e-3)} if graphed else _eager(model, 1e-3)
+    losses = train(model, images, labels, steps=steps, batch_size=17, lr=1e-3, seed=0, desc="test", **options)
     return model, losses
 
 
 @pytest.fixture()
 def small_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(train_module, "GRAPH_STEPS", 4)
-    monkeypatch.setattr(train_module, "GRAPH_WARMUP", 2)
+    monkeypatch.setattr(cuda_graphs, "GRAPH_STEPS", 4)
+    monkeypatch.setattr(cuda_graphs, "GRAPH_WARMUP", 2)
 
 
 @needs_cuda
 def test_graphed_training_equals_eager_training_bit_for_bit(small_graphs: None) -> None:
-    (graphed, graphed_losses), (eager, eager_losses) = _pretrained("cuda"), _pretrained("cuda", cuda_graph=False)
+    (graphed, graphed_losses), (eager, eager_losses) = _pretrained("cuda"), _pretrained("cuda", graphed=False)
     torch.testing.assert_close(graphed_losses, eager_losses, rtol=0, atol=0)
     for (name, parameter), other in zip(graphed.named_parameters(), eager.parameters()):
         torch.testing.assert_close(parameter, other, rtol=0, atol=0, msg=name)
@@ -88,10 +96,11 @@ def _finetuned(base: OversizedMLP, dropout: float, cuda_graph: bool) -> tuple[Ov
     torch.manual_seed(0)
     model = OversizedMLP(hidden_1=64, hidden_2=48).to("cuda")
     model.load_state_dict(base.state_dict())
-    inject(model, LoRAConfig(r=2, alpha=2, dropout=dropout))
+    inject(model, LoRAConfig(r=2, alpha=2, dropout=dropout, target_modules=LAYERS))
     mark_only_lora_trainable(model)
     images, labels = _data(203, "cuda")
-    losses = train(model, images, labels, steps=23, batch_size=17, lr=1e-2, seed=0, desc="test", cuda_graph=cuda_graph)
+    options = {} if cuda_graph else _eager(model, 1e-2)
+    losses = train(model, images, labels, steps=23, batch_size=17, lr=1e-2, seed=0, desc="test", **options)
     return model, losses
 
 

@@ -13,9 +13,10 @@ import time
 import pytest
 import torch
 
-from lora.data import MEAN, STD, DataError, load_split, read_idx
+from lora_mnist.data import MEAN, STD, load_split, read_idx
+from lora_mnist.errors import DataError
 from tasks.download import DownloadError, fetch
-from tests.conftest import ROOT, write_idx, write_synthetic_mnist
+from tests.helpers import ROOT, write_idx, write_synthetic_mnist
 
 
 def test_read_idx_returns_the_declared_shape_and_bytes(tmp_path):

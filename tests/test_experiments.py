@@ -5,18 +5,19 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from lora.data import MNIST_SHA256, DataError
-from lora.files import file_sha256
-from lora.mlp import OversizedMLP
+from lora_mnist.data import MNIST_SHA256
+from lora_mnist.errors import DataError
+from lora_mnist.io import file_sha256
+from lora_mnist.metrics import per_digit
+from lora_mnist.mlp import OversizedMLP
 from tasks import full_finetune, pretrain, report, trial
-from tasks.common import BASE_WEIGHTS, load_params
-from tests.conftest import HARD_DIGIT, ROOT, run_env, sh
+from tasks.params import load_params
+from tasks.paths import BASE_WEIGHTS
+from tests.helpers import HARD_DIGIT, run_env, sh
 
 
 def test_trial_records_the_base_and_the_adapter_at_every_inference_scale(project):
@@ -34,7 +35,7 @@ def test_trial_records_the_base_and_the_adapter_at_every_inference_scale(project
     adapter = project / "experiments/models/rank_sweep/r2-a4/adapter/adapter_model.safetensors"
     assert result["adapter_file_bytes"] == adapter.stat().st_size
     assert result["trainable_parameters"] == 2 * (784 + 64 + 64 + 32 + 32 + 10)
-    assert result["base_weights_unchanged"] and file_sha256(BASE_WEIGHTS) == base_hash
+    assert file_sha256(BASE_WEIGHTS) == base_hash
 
 
 def test_trial_with_pretrain_trains_its_own_base_for_the_seed_it_is_given(project):
@@ -57,11 +58,12 @@ def test_trial_with_pretrain_trains_its_own_base_for_the_seed_it_is_given(projec
         (["../x"], "error: trial name '../x' is invalid"),
     ],
 )
-def test_trial_refuses_a_bad_override_or_name_in_one_line_and_writes_nothing(project, args, message):
-    result = subprocess.run([sys.executable, "-m", "tasks.trial", *args], cwd=project, capture_output=True, text=True,
-                            env={**run_env(), "PYTHONPATH": str(ROOT)})
-    assert result.returncode == 2
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+def test_trial_refuses_a_bad_override_or_name_in_one_line_and_writes_nothing(project, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_status:
+        trial.main(args)  # as `python -m tasks.trial` runs it
+    assert exit_status.value.code == 2
+    stderr = capsys.readouterr().err
+    assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert not (project / "experiments").exists()
 
 
@@ -76,7 +78,9 @@ def test_full_finetune_trains_every_weight_while_lora_keeps_optimizer_and_file_s
     for name in ("lora", "full"):  # Adam: two float32 moments per trainable parameter, plus a step count each
         moments = 2 * 4 * result[name]["trainable_parameters"]
         assert moments <= result[name]["optimizer_state_bytes"] <= moments + 64 * 8
-        assert result[name]["step_ms"] > 0
+        # step times are printed, never written: they change from run to run
+        assert set(result[name]) == {"trainable_parameters", "optimizer_state_bytes", "file_bytes", "loss_last_10",
+                                     "accuracy", "errors_per_digit"}
     assert result["full"]["file_bytes"] == (project / "experiments/models/full_finetune/full.safetensors").stat().st_size
     assert result["lora"]["file_bytes"] * 10 < result["full"]["file_bytes"]
     assert result["digit"] == HARD_DIGIT and file_sha256(BASE_WEIGHTS) == base_hash
@@ -95,10 +99,10 @@ def trial_result(digit: int, base: list[int], on: list[int], **fields) -> dict:
     curve = []
     for scale in (0.0, 0.5, 1.0):
         errors = [round(b + scale * (o - b)) for b, o in zip(base, on)]
-        curve.append({"scale": scale, "accuracy": 1 - sum(errors) / 1000, "errors_per_digit": errors})
+        curve.append({"scale": scale, "accuracy": 1 - sum(errors) / 1000, "errors_per_digit": per_digit(errors)})
     defaults = {"seed": 0, "rank": 1, "alpha": 1, "scaling": 1.0, "replay_fraction": 0.0, "steps": 100,
                 "trainable_parameters": 6794, "adapter_file_bytes": 27792, "base_file_bytes": 11228536}
-    return {**defaults, **fields, "digit": digit, "base": {"accuracy": curve[0]["accuracy"], "errors_per_digit": base},
+    return {**defaults, **fields, "digit": digit, "base": {"accuracy": curve[0]["accuracy"], "errors_per_digit": per_digit(base)},
             "lora_on": curve[-1], "scale_curve": curve}
 
 
@@ -123,10 +127,11 @@ def write_fixture_results(root: Path) -> None:
     for name, data in files.items():
         (results / name).parent.mkdir(parents=True, exist_ok=True)
         (results / f"{name}.json").write_text(json.dumps(data))
-    row = {"trainable_parameters": 10, "optimizer_state_bytes": 88, "file_bytes": 100, "step_ms": 1.5, "accuracy": 0.9}
+    row = {"trainable_parameters": 10, "optimizer_state_bytes": 88, "file_bytes": 100, "accuracy": 0.9}
     (results / "full_finetune.json").write_text(json.dumps({
-        "digit": 1, "steps": 100, "device": "cpu", "torch_threads": 2, "base": {"accuracy": 0.9, "errors_per_digit": base},
-        "lora": {**row, "errors_per_digit": [5, 10] + [6] * 8}, "full": {**row, "trainable_parameters": 1000, "errors_per_digit": [9, 0] + [20] * 8},
+        "digit": 1, "steps": 100, "base": {"accuracy": 0.9, "errors_per_digit": per_digit(base)},
+        "lora": {**row, "errors_per_digit": per_digit([5, 10] + [6] * 8)},
+        "full": {**row, "trainable_parameters": 1000, "errors_per_digit": per_digit([9, 0] + [20] * 8)},
     }))
 
 
@@ -146,8 +151,9 @@ def test_report_builds_every_section_from_small_fixture_results(tmp_path, monkey
     assert "| **mean ± std** | | 0.9100 ± 0.0071 |" in text
     # frontier: replay 0 at scale 1 has the fewest target errors, replay 0.1 at scale 1 the best accuracy
     assert "| 0 | 1 | 10 | 69 | 0.9210 |\n| 0.1 | 1 | 12 | 53 | 0.9350 |\n\n" in text
-    assert summary["frontier"] == {"points": 2, "max_accuracy": 0.935}
-    assert summary["replay_sweep"]["replay-0.1"] == {"digit_errors": 12, "other_errors": 53, "accuracy": 0.935}
+    assert summary["replay_sweep"]["frontier"] == {"points": 2, "max_accuracy": 0.935}
+    assert summary["replay_sweep"]["points"]["replay-0.1"] == {"digit_errors": 12, "other_errors": 53, "accuracy": 0.935}
+    assert summary["full_finetune"]["full"] == {"digit_errors": 0, "accuracy": 0.9}
     assert summary["rank_sweep"]["r4-a1"] == {"digit_errors": 2, "accuracy": 0.944}
     assert summary["digit_adapters"]["digit-1"] == {"digit_errors_change": -49, "accuracy": 0.954}
     assert "| 4 | 4 | 1 | 6,794 | 27.1 KiB | 2 | 54 | 0.9440 |" in text
@@ -181,6 +187,7 @@ def test_a_damaged_result_file_stops_the_report_in_one_line_before_writing(tmp_p
     assert not (tmp_path / "experiments/report.md").exists()
 
 
+@pytest.mark.slow
 def test_experiment_matrices_expand_to_every_grid_point_in_dvcs_dry_run(git_repo):
     # A dry run hashes the dependencies, so they must exist; nothing runs, so placeholders do.
     for path in ["models/base.safetensors", "models/adapter/adapter_config.json", *(f"data/mnist/raw/{name}" for name in MNIST_SHA256)]:
@@ -203,6 +210,7 @@ def test_experiment_matrices_expand_to_every_grid_point_in_dvcs_dry_run(git_repo
     assert "experiments/dvc.yaml" not in sh(git_repo, "dvc", "repro", "--dry")
 
 
+@pytest.mark.slow
 def test_a_queued_rank_sweep_holds_one_experiment_per_rank(git_repo):
     sh(git_repo, "dvc", "exp", "run", "--queue", "-S", "lora.rank=1,2,4,8,16")
     try:
@@ -226,7 +234,7 @@ def test_experiment_stages_run_on_real_mnist_and_the_report_builds_from_them(git
     sh(git_repo, "dvc", "repro", "--single-item", "experiments/dvc.yaml:report")
     results = git_repo / "experiments" / "results"
     adapter = json.loads((results / "digit_adapters/digit-3.json").read_text())
-    assert adapter["digit"] == 3 and adapter["lora_on"]["errors_per_digit"][3] < adapter["base"]["errors_per_digit"][3]
+    assert adapter["digit"] == 3 and adapter["lora_on"]["errors_per_digit"]["3"] < adapter["base"]["errors_per_digit"]["3"]
     assert adapter["adapter_file_bytes"] < 30_000
     seed = json.loads((results / "seeds/seed-1.json").read_text())
     assert seed["seed"] == 1 and seed["pretrained_here"] and seed["base"]["accuracy"] > 0.85

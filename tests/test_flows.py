@@ -15,8 +15,8 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.dvc_stage import STAGES, StageFailed
 from flows.pipeline import pipeline
-from tasks.common import ParamsError
-from tests.conftest import run_env, sh
+from tasks.params import ParamsError
+from tests.helpers import run_env, sh
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,7 @@ def test_pipeline_flow_runs_stages_through_dvc_publishes_artifacts_and_records_o
 
     sh(flow_repo, "git", "add", "-A")
     sh(flow_repo, "git", "commit", "-qm", "baseline")
-    third = pipeline(rank=2, training="local", experiment_name="flow-rank2")
+    third = pipeline(overrides={"lora.rank": 2}, training="local", experiment_name="flow-rank2")
     assert ran(third) == {"download": "skipped", "pretrain": "skipped", "analyze": "skipped", "finetune": "here", "evaluate": "here"}
     params_text = (flow_repo / "params.yaml").read_text()
     assert yaml.safe_load(params_text)["lora"]["rank"] == 2
@@ -117,28 +117,29 @@ def test_two_flows_started_at_once_in_one_checkout_run_one_after_the_other(flow_
     assert os.path.exists(flow_repo / ".dvc" / "tmp" / "lora-mnist-flow.lock")
 
 
-def test_sweep_runs_grid_points_concurrently_as_dvc_experiments(flow_repo):
+def test_sweep_queues_every_grid_point_in_dvcs_queue_runs_them_and_tables_their_results(flow_repo):
     from flows.sweep import sweep
 
     pipeline(training="local")
     sh(flow_repo, "git", "add", "-A")
     sh(flow_repo, "git", "commit", "-qm", "baseline")
-    runs = sweep(grid={"lora.rank": [2, 3]}, prefix="t")
-    assert [run["name"] for run in runs] == ["t-rank2", "t-rank3"]
-    assert max(r["started"] for r in runs) < min(r["finished"] for r in runs), "grid points should overlap in time"
-    table = {row["experiment"]: row for row in json.loads(Artifact.get("sweep-results").data)}
-    assert table["t-rank2"]["trainable parameters"] == 2 * 6794
-    assert table["t-rank3"]["trainable parameters"] == 3 * 6794
-    assert table["t-rank2"]["lora.rank"] == 2
+    table = sweep(grid={"lora.rank": [2, 3]}, prefix="t", jobs=2)
+    assert [row["experiment"] for row in table] == ["t-rank2", "t-rank3"]
+    assert [row["lora.rank"] for row in table] == [2, 3]
+    assert all(isinstance(row["digit errors, LoRA on"], int) for row in table)
+    assert json.loads(Artifact.get("sweep-results").data) == json.loads(json.dumps(table))
+    diff = json.loads(sh(flow_repo, "dvc", "metrics", "diff", "HEAD", "t-rank3", "--json"))
+    assert diff["metrics/finetune.json"]["trainable_parameters"]["new"] == 3 * 6794
+    assert "Queued" not in sh(flow_repo, "dvc", "queue", "status")
     with pytest.raises(ParamsError, match="lora.rank=1001 is invalid: 1..1000 is allowed"):
         sweep(grid={"lora.rank": [2, 1001]}, prefix="bad")
 
 
 def test_a_failing_stage_fails_the_flow_with_the_stages_own_error(flow_repo):
-    from tests.conftest import set_params
+    from tests.helpers import set_params
 
     set_params(flow_repo / "params.yaml", **{"pretrain.lr": 0})
-    with pytest.raises(StageFailed, match="error: params.yaml: pretrain.lr=0 is invalid: a number > 0 is allowed"):
+    with pytest.raises(StageFailed, match="error: params.yaml: pretrain.lr=0 is invalid: a finite number > 0 is allowed"):
         pipeline(training="local")
 
 
@@ -151,7 +152,7 @@ def test_experiments_flow_runs_the_chosen_groups_then_publishes_the_report(flow_
                           "experiments/dvc.yaml:report": "here"}
     report = Artifact.get("lora-experiments-report").data
     assert "## LoRA against full fine-tuning" in report and "No results yet for: rank_sweep, seeds" in report
-    lora, full = first["summary"]["full_vs_lora"]["lora"], first["summary"]["full_vs_lora"]["full"]
+    lora, full = first["summary"]["full_finetune"]["lora"], first["summary"]["full_finetune"]["full"]
     assert lora["accuracy"] > full["accuracy"]  # the forgetting of full fine-tuning on one digit
     assert set(ran(experiments(groups=["full_finetune"])).values()) == {"skipped"}
     with pytest.raises(ValueError, match=r"groups=\['sweeps'\] are invalid"):

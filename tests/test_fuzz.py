@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lora import AdapterLoadError, LoRAConfig, inject, load_adapter, lora_layers, save_adapter
-from lora.data import DataError, read_idx
-from lora.mlp import OversizedMLP
+from lora_mnist.data import read_idx
+from lora_mnist.errors import DataError
+from tests.helpers import TARGETS, TinyMLP
 from lora.save_load import CONFIG_NAME, WEIGHTS_NAME
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -45,14 +46,14 @@ def test_idx_reader_returns_exactly_the_declared_data_or_raises_data_error(tmp_p
     assert array.numpy().tobytes() == content[4 + 4 * ndim :]
 
 
-def _model() -> OversizedMLP:
+def _model() -> TinyMLP:
     torch.manual_seed(0)
-    return OversizedMLP(hidden_1=12, hidden_2=8)
+    return TinyMLP(hidden_1=12, hidden_2=8)
 
 
 def _saved_adapter(directory: Path) -> None:
     model = _model()
-    inject(model, LoRAConfig(r=2))
+    inject(model, LoRAConfig(r=2, target_modules=TARGETS))
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora_B["default"].weight.normal_()

@@ -23,15 +23,15 @@ from lora import (
     trainable_parameters,
     unmerge,
 )
-from lora.mlp import OversizedMLP
+from tests.helpers import TARGETS, TinyMLP
 
 
 def model_and_input(seed: int = 0, **config) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     torch.manual_seed(seed)
-    base = OversizedMLP(hidden_1=40, hidden_2=30)
-    model = OversizedMLP(hidden_1=40, hidden_2=30)
+    base = TinyMLP(hidden_1=40, hidden_2=30)
+    model = TinyMLP(hidden_1=40, hidden_2=30)
     model.load_state_dict(base.state_dict())
-    inject(model, LoRAConfig(**config))
+    inject(model, LoRAConfig(**config, target_modules=TARGETS))
     return base, model, torch.randn(16, 784)
 
 
@@ -72,8 +72,8 @@ def test_unmerged_forward_is_base_plus_scaled_low_rank_path():
 
 @pytest.mark.parametrize("rank", [1, 2, 4])
 def test_trainable_count_is_rank_times_sum_of_in_and_out(rank):
-    model = OversizedMLP()
-    inject(model, LoRAConfig(r=rank))
+    model = TinyMLP()
+    inject(model, LoRAConfig(r=rank, target_modules=TARGETS))
     mark_only_lora_trainable(model)
     trainable, total = trainable_parameters(model)
     assert trainable == rank * ((784 + 1000) + (1000 + 2000) + (2000 + 10))
@@ -173,7 +173,7 @@ def test_disable_adapter_refuses_a_merged_model():
 def test_named_adapters_switch_without_touching_the_base():
     base, model, x = model_and_input()
     randomize_b(model)
-    inject(model, LoRAConfig(r=2), adapter_name="digit7")
+    inject(model, LoRAConfig(r=2, target_modules=TARGETS), adapter_name="digit7")
     randomize_b(model)
     base_before = {k: v.clone() for k, v in base_state_dict(model).items()}
     set_adapter(model, "default")
@@ -212,30 +212,37 @@ def test_init_distribution_of_a_matches_its_documentation(init, rank, check):
 
 
 def test_rslora_scales_by_alpha_over_sqrt_rank():
-    assert LoRAConfig(r=4, alpha=8).scaling == 2.0
-    assert LoRAConfig(r=4, alpha=8, use_rslora=True).scaling == 4.0
+    assert LoRAConfig(r=4, alpha=8, target_modules=TARGETS).scaling == 2.0
+    assert LoRAConfig(r=4, alpha=8, use_rslora=True, target_modules=TARGETS).scaling == 4.0
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"r": 0}, "rank r=0"),
-        ({"r": 1.5}, "rank r=1.5"),
+        ({"r": 0}, "r=0 is invalid: an integer >= 1"),
+        ({"r": 1.5}, "r=1.5 is invalid"),
+        ({"r": True}, "r=True is invalid"),
         ({"alpha": 0}, "alpha=0"),
         ({"alpha": float("nan")}, "alpha=nan"),
+        ({"alpha": float("inf")}, "alpha=inf is invalid: a finite number > 0"),
         ({"dropout": 1.0}, "dropout=1.0"),
         ({"init": "xavier"}, "init='xavier'"),
-        ({"target_modules": ()}, "target_modules"),
+        ({"target_modules": ()}, "target_modules=[] is invalid"),
     ],
 )
 def test_bad_configs_are_rejected_with_the_value_named(kwargs, message):
-    with pytest.raises(LoRAConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        LoRAConfig(**kwargs)
+    with pytest.raises(LoRAConfigError, match=message.replace("(", r"\(").replace(".", r"\.").replace("[", r"\[")):
+        LoRAConfig(**{"target_modules": TARGETS, **kwargs})
+
+
+def test_target_modules_have_no_default_so_a_config_names_the_layers_of_its_own_model():
+    with pytest.raises(LoRAConfigError, match=r"target_modules=\[\] is invalid"):
+        LoRAConfig(r=2)
 
 
 def test_a_rank_above_a_layers_smaller_side_trains_but_its_update_stays_capped_by_that_side():
     torch.manual_seed(0)
-    model = inject(OversizedMLP(), LoRAConfig(r=16))
+    model = inject(TinyMLP(), LoRAConfig(r=16, target_modules=TARGETS))
     layer = lora_layers(model)["linear3"]
     torch.nn.init.normal_(layer.lora_B["default"].weight)
     assert layer.lora_A["default"].weight.shape == (16, 2000) and layer.lora_B["default"].weight.shape == (10, 16)
@@ -245,8 +252,8 @@ def test_a_rank_above_a_layers_smaller_side_trains_but_its_update_stays_capped_b
 
 
 def test_unknown_target_module_is_rejected_by_name():
-    with pytest.raises(LoRAConfigError, match="'linear9' is not an nn.Linear"):
-        inject(OversizedMLP(), LoRAConfig(target_modules=("linear9",)))
+    with pytest.raises(LoRAConfigError, match=r"target_modules='linear9' is invalid: the name of an nn.Linear of the model \(linear1, linear2, linear3\)"):
+        inject(TinyMLP(), LoRAConfig(target_modules=("linear9",)))
 
 
 def test_dropout_applies_only_in_training_mode():

@@ -1,4 +1,5 @@
-"""params.yaml is checked before any work: bad values and unknown keys are named with what is allowed."""
+"""params.yaml is checked before any work: bad values and unknown keys are named with what is allowed; the
+`lora` section by LoRAConfig itself; numbers are read as DVC reads them (YAML 1.2)."""
 from __future__ import annotations
 
 import subprocess
@@ -7,31 +8,31 @@ import sys
 import pytest
 import yaml
 
-from tasks.common import ParamsError, load_params
-from tests.conftest import ROOT, set_params
+from tasks.finetune import lora_config
+from tasks.params import Params, ParamsError, load_params, parse_overrides, with_overrides
+from tests.helpers import ROOT, set_params
 
 
-def test_the_shipped_params_are_valid():
+def test_the_shipped_params_are_valid_and_typed():
     params = load_params(ROOT / "params.yaml")
-    assert params["lora"]["rank"] == 1 and params["finetune"]["digit"] == "auto"
+    assert isinstance(params, Params) and params.finetune.digit == "auto" and params.pretrain.lr == 0.001
+    config = lora_config(params)
+    assert config.r == 1 and config.target_modules == ("linear1", "linear2", "linear3")
 
 
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("lora.rank", 0, "lora.rank=0 is invalid: an integer >= 1 is allowed"),
-        ("lora.rank", 65, "lora.rank=65 is invalid: 1..64 is allowed"),
-        ("lora.alpha", -1, "lora.alpha=-1 is invalid: a number > 0 is allowed"),
         ("finetune.digit", 10, "finetune.digit=10 is invalid: 'auto' or a digit 0-9 is allowed"),
         ("finetune.digit", "nine", "finetune.digit='nine' is invalid"),
+        ("finetune.digit", True, "finetune.digit=True is invalid"),
         ("pretrain.batch_size", 0, "pretrain.batch_size=0 is invalid"),
-        ("pretrain.kernel", "gpu", "pretrain.kernel='gpu' is invalid: 'auto', 'fused' or 'torch' is allowed"),
+        ("pretrain.lr", float("inf"), "pretrain.lr=inf is invalid: a finite number > 0 is allowed"),
         ("finetune.steps", 2.5, "finetune.steps=2.5 is invalid"),
-        ("lora.targets", ["linear4"], "lora.targets=\\['linear4'\\] is invalid"),
-        ("lora.init", "xavier", "lora.init='xavier' is invalid"),
-        ("lora.use_rslora", 1, "lora.use_rslora=1 is invalid: true or false is allowed"),
-        ("lora.typo", 1, "unknown key lora.'typo'"),
         ("finetune.replay_fraction", 1.0, "finetune.replay_fraction=1.0 is invalid: a number in \\[0, 1\\) is allowed"),
+        ("seed", 2**64, "seed=18446744073709551616 is invalid: an integer in \\[0, 2\\*\\*63\\) is allowed"),
+        ("device", "tpu", "device='tpu' is invalid: 'auto', 'cpu', 'cuda' or 'cuda:N' is allowed"),
+        ("pretrain.typo", 1, "unknown key pretrain.'typo'"),
     ],
 )
 def test_bad_values_are_named_with_what_is_allowed(project, key, value, message):
@@ -40,12 +41,52 @@ def test_bad_values_are_named_with_what_is_allowed(project, key, value, message)
         load_params(project / "params.yaml")
 
 
-def test_missing_section_is_reported(project):
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("lora.rank", 0, "lora.rank=0 is invalid: an integer >= 1 is allowed"),
+        ("lora.rank", True, "lora.rank=True is invalid"),
+        ("lora.rank", 65, "lora.rank=65 is invalid: 1..64 is allowed"),
+        ("lora.alpha", -1, "lora.alpha=-1 is invalid: a finite number > 0 is allowed"),
+        ("lora.alpha", float("inf"), "lora.alpha=inf is invalid"),
+        ("lora.dropout", False, "lora.dropout=False is invalid"),
+        ("lora.targets", ["linear4"], "lora.targets=\\['linear4'\\] is invalid"),
+        ("lora.init", "xavier", "lora.init='xavier' is invalid"),
+        ("lora.use_rslora", 1, "lora.use_rslora=1 is invalid: true or false is allowed"),
+        ("lora.typo", 1, "unknown key lora.'typo'"),
+    ],
+)
+def test_bad_lora_values_are_refused_by_lora_config_with_the_params_name(project, key, value, message):
+    set_params(project / "params.yaml", **{key: value})
+    with pytest.raises(ParamsError, match=message):
+        lora_config(load_params(project / "params.yaml"))
+
+
+def test_missing_section_and_unknown_top_level_keys_are_reported(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     del params["lora"]
+    params["extra"] = 1
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(ParamsError, match="section 'lora' is missing"):
+    with pytest.raises(ParamsError, match="lora is missing .*; unknown key 'extra'"):
         load_params(project / "params.yaml")
+
+
+def test_numbers_with_an_exponent_are_numbers_as_dvc_writes_them(project):
+    text = (project / "params.yaml").read_text()
+    assert text.count("lr: 0.001") == 2
+    (project / "params.yaml").write_text(text.replace("lr: 0.001", "lr: 1e-4"))  # PyYAML would read '1e-4' as text
+    params = load_params(project / "params.yaml")
+    assert params.pretrain.lr == params.finetune.lr == 1e-4
+    assert parse_overrides(["finetune.lr=1e+30", "lora.rank=2"]) == {"finetune.lr": 1e30, "lora.rank": 2}
+
+
+def test_overrides_are_validated_like_the_file():
+    params = load_params(ROOT / "params.yaml")
+    assert with_overrides(params, {"finetune.steps": 5}).finetune.steps == 5
+    with pytest.raises(ParamsError, match="has no key 'finetune.stpes'"):
+        with_overrides(params, {"finetune.stpes": 5})
+    with pytest.raises(ParamsError, match="finetune.steps=0 is invalid"):
+        with_overrides(params, {"finetune.steps": 0})
 
 
 def test_a_stage_with_bad_params_exits_non_zero_with_one_line_and_writes_nothing(project):
@@ -56,6 +97,6 @@ def test_a_stage_with_bad_params_exits_non_zero_with_one_line_and_writes_nothing
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: params.yaml: pretrain.lr=0 is invalid: a number > 0 is allowed"
+        "error: params.yaml: pretrain.lr=0 is invalid: a finite number > 0 is allowed"
     ]
     assert not (project / "models").exists()

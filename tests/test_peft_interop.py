@@ -5,17 +5,17 @@ import peft
 import torch
 
 from lora import LoRAConfig, inject, load_adapter, lora_layers, save_adapter
-from lora.mlp import OversizedMLP
+from tests.helpers import TARGETS, TinyMLP
 
 
-def base_model(seed: int = 0) -> OversizedMLP:
+def base_model(seed: int = 0) -> TinyMLP:
     torch.manual_seed(seed)
-    return OversizedMLP(hidden_1=40, hidden_2=30).eval()
+    return TinyMLP(hidden_1=40, hidden_2=30).eval()
 
 
 def test_our_adapter_loads_in_peft_with_equal_logits(tmp_path):
     ours = base_model()
-    inject(ours, LoRAConfig(r=2, alpha=4, init="kaiming"))
+    inject(ours, LoRAConfig(r=2, alpha=4, init="kaiming", target_modules=TARGETS))
     with torch.no_grad():
         for layer in lora_layers(ours).values():
             layer.lora_B["default"].weight.normal_(0, 0.1)

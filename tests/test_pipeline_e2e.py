@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from lora.data import MNIST_SHA256
-from tests.conftest import run_env, sh
+from lora_mnist.data import MNIST_SHA256
+from tests.helpers import run_env, sh
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_env, sh
+from tests.helpers import run_env, sh
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

@@ -9,23 +9,23 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora import AdapterLoadError, LoRAConfig, base_weights_sha256, inject, load_adapter, lora_layers, save_adapter
-from lora.mlp import OversizedMLP
+from tests.helpers import TARGETS, TinyMLP
 from lora.save_load import CONFIG_NAME, PROVENANCE_NAME, WEIGHTS_NAME
 
 
-def trained_model(seed: int = 0, **config) -> OversizedMLP:
+def trained_model(seed: int = 0, **config) -> TinyMLP:
     torch.manual_seed(seed)
-    model = OversizedMLP(hidden_1=40, hidden_2=30)
-    inject(model, LoRAConfig(**config))
+    model = TinyMLP(hidden_1=40, hidden_2=30)
+    inject(model, LoRAConfig(**config, target_modules=TARGETS))
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora_B["default"].weight.normal_(0, 0.1)
     return model
 
 
-def fresh_base(seed: int = 0) -> OversizedMLP:
+def fresh_base(seed: int = 0) -> TinyMLP:
     torch.manual_seed(seed)
-    return OversizedMLP(hidden_1=40, hidden_2=30)
+    return TinyMLP(hidden_1=40, hidden_2=30)
 
 
 def test_save_then_load_gives_equal_logits(tmp_path):
@@ -45,7 +45,7 @@ def test_saved_files_hold_only_the_adapter_in_peft_layout(tmp_path):
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == sorted([CONFIG_NAME, PROVENANCE_NAME, WEIGHTS_NAME])
     provenance = json.loads((tmp_path / "adapter" / PROVENANCE_NAME).read_text())
     assert provenance["digit"] == 4 and len(provenance["base_weights_sha256"]) == 64
-    assert provenance["lora_config"] == LoRAConfig().to_dict()
+    assert provenance["lora_config"] == LoRAConfig(target_modules=TARGETS).to_dict()
     tensors = load_file(tmp_path / "adapter" / WEIGHTS_NAME)
     assert sorted(tensors) == sorted(
         f"base_model.model.linear{i}.lora_{m}.weight" for i in (1, 2, 3) for m in ("A", "B")
@@ -113,7 +113,7 @@ def test_config_that_disagrees_with_its_tensors_is_refused(tmp_path):
     [
         ("{not json", "not valid JSON"),
         ("[1, 2]", "expected a JSON object"),
-        (json.dumps({"lora_config": {**LoRAConfig().to_dict(), "r": 3}}), r"disagrees with adapter_config.json on \['r'\]"),
+        (json.dumps({"lora_config": {**LoRAConfig(target_modules=TARGETS).to_dict(), "r": 3}}), r"disagrees with adapter_config.json on \['r'\]"),
     ],
 )
 def test_damaged_or_disagreeing_provenance_is_refused(tmp_path, content, message):
@@ -160,7 +160,7 @@ def test_adapter_files_load_into_named_slots_and_switch_on_one_base(tmp_path):
     expected = {}
     for digit, seed in (("digit3", 3), ("digit8", 8)):
         model = fresh_base()
-        inject(model, LoRAConfig(r=2))
+        inject(model, LoRAConfig(r=2, target_modules=TARGETS))
         torch.manual_seed(seed)
         with torch.no_grad():
             for layer in lora_layers(model).values():

@@ -10,10 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora.metrics import worst_digit
+from lora_mnist import integrity, memory
+from lora_mnist.batches import finetune_selection
+from lora_mnist.errors import DeviceError, IntegrityError, ResourceError
+from lora_mnist.fast import cpu_kernels
+from lora_mnist.metrics import worst_digit
 from tasks import analyze, evaluate, finetune, pretrain
-from tasks.common import ANALYSIS, BASE_WEIGHTS, IntegrityError, load_params
-from tests.conftest import HARD_DIGIT, ROOT, set_params
+from tasks.params import load_params
+from tasks.paths import ANALYSIS, BASE_WEIGHTS
+from tests.helpers import HARD_DIGIT, ROOT, set_params
 
 
 def run_all(until: str = "evaluate") -> dict:
@@ -33,8 +38,6 @@ def test_worst_digit_takes_the_most_errors_and_ties_go_to_the_lower_digit():
 
 
 def test_replay_selection_keeps_every_target_image_and_draws_the_requested_share_of_others():
-    from lora.train import finetune_selection
-
     labels = torch.arange(1000) % 10
     assert torch.equal(finetune_selection(labels, 3, 0.0, seed=0), (labels == 3).nonzero().flatten())
     selection = finetune_selection(labels, 3, 0.25, seed=0)
@@ -57,30 +60,30 @@ def test_pretrain_writes_weights_and_a_per_step_loss_curve_deterministically(pro
     assert torch.equal(first["losses"], second["losses"]) and BASE_WEIGHTS.read_bytes() == weights
 
 
-@pytest.mark.parametrize("kernel", ["fused", "torch"])
-def test_pretrain_records_the_kernel_it_trained_with(project, kernel):
-    set_params(project / "params.yaml", **{"pretrain.kernel": kernel})
-    assert pretrain.run(load_params())["kernel"] == kernel
+@pytest.mark.parametrize("backend, path", [("auto", "cpu-kernels"), ("torch", "eager")])
+def test_pretrain_records_the_training_path_its_backend_took(project, backend, path):
+    set_params(project / "params.yaml", backend=backend)
+    assert pretrain.run(load_params())["training_path"] == path
     summary = json.loads((project / "dvclive" / "pretrain" / "metrics.json").read_text())
-    assert summary["kernel"] == kernel
+    assert summary["training_path"] == path
 
 
-def test_pretrain_auto_kernel_falls_back_to_torch_without_a_compiler(project, monkeypatch, tmp_path):
-    from lora import fused
-
+def test_pretrain_falls_back_to_autograd_without_a_compiler_and_a_bad_backend_is_one_line(project, monkeypatch, tmp_path):
     monkeypatch.setenv("CC", "no-such-compiler")
     monkeypatch.setenv("LORA_KERNEL_CACHE", str(tmp_path / "empty-cache"))
-    fused._library.cache_clear()
-    fused._kernel_builds.cache_clear()
+    cpu_kernels._library.cache_clear()
+    cpu_kernels.kernel_builds.cache_clear()
     try:
-        assert pretrain.run(load_params())["kernel"] == "torch"
-        set_params(project / "params.yaml", **{"pretrain.kernel": "fused"})
-        result = subprocess.run([sys.executable, "-m", "tasks.pretrain"], cwd=project, capture_output=True, text=True)
+        assert pretrain.run(load_params())["training_path"] == "eager"
     finally:
-        fused._library.cache_clear()
-        fused._kernel_builds.cache_clear()
+        cpu_kernels._library.cache_clear()
+        cpu_kernels.kernel_builds.cache_clear()
+    weights = BASE_WEIGHTS.read_bytes()
+    set_params(project / "params.yaml", backend="fused")
+    result = subprocess.run([sys.executable, "-m", "tasks.pretrain"], cwd=project, capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == ("error: kernel='fused' needs a C compiler: 'no-such-compiler' is not on PATH")
+    assert result.stderr.strip().splitlines() == ["error: backend='fused' is invalid: one of 'auto', 'torch' is allowed"]
+    assert BASE_WEIGHTS.read_bytes() == weights
 
 
 def test_analyze_picks_the_worst_digit_automatically_or_the_forced_one(project):
@@ -158,7 +161,7 @@ def test_integrity_check_fails_evaluate_when_lora_off_differs_from_base(project,
     def adapter_left_on(model):
         yield model
 
-    monkeypatch.setattr(evaluate, "disable_adapter", adapter_left_on)
+    monkeypatch.setattr(integrity, "disable_adapter", adapter_left_on)
     with pytest.raises(IntegrityError, match="LoRA-off logits differ from the base model's on"):
         evaluate.run(load_params())
 
@@ -167,16 +170,12 @@ def test_an_absent_cuda_device_is_a_clear_error(project):
     if torch.cuda.is_available():
         pytest.skip("this check needs a machine without CUDA")
     set_params(project / "params.yaml", device="cuda")
-    from lora.train import DeviceError
-
     with pytest.raises(DeviceError, match="device='cuda' was requested but CUDA is not available"):
         pretrain.run(load_params())
 
 
 def test_a_stage_that_would_not_fit_in_memory_says_so_before_loading(project, monkeypatch):
-    from tasks import common
-
-    monkeypatch.setattr(common, "_available_memory", lambda: 200 * 2**20)
-    with pytest.raises(common.ResourceError, match=r"pretrain needs about \d+\.\d GiB of memory but 0\.2 GiB is available"):
+    monkeypatch.setattr(memory, "available_memory", lambda: 200 * 2**20)
+    with pytest.raises(ResourceError, match=r"pretrain needs about \d+\.\d GiB of memory but 0\.2 GiB is available"):
         pretrain.run(load_params())
     assert not BASE_WEIGHTS.exists()

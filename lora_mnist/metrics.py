@@ -6,15 +6,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from .backend import evaluation_forward
 from .mlp import NUM_CLASSES
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 2500) -> torch.Tensor:
+def predict(model: nn.Module, images: torch.Tensor, backend: str = "auto", batch_size: int = 2500) -> torch.Tensor:
     """Logits for every image, computed on the model's device, returned on CPU."""
     device = next(model.parameters()).device
     model.eval()
-    return torch.cat([model(chunk.to(device)).cpu() for chunk in images.split(batch_size)])
+    return torch.cat([evaluation_forward(model, chunk.to(device), backend).cpu() for chunk in images.split(batch_size)])
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
@@ -35,6 +36,16 @@ def summarize(labels: torch.Tensor, logits: torch.Tensor) -> dict[str, Any]:
         "errors_per_digit": [int(e) for e in errors],
         "confusion": confusion.tolist(),
     }
+
+
+def per_digit(values: list[int]) -> dict[str, int]:
+    """Per-digit values as every output file stores them: keyed by digit, so `dvc metrics diff` shows one row each."""
+    return {str(digit): value for digit, value in enumerate(values)}
+
+
+def digit_list(values: dict[str, int]) -> list[int]:
+    """The inverse of :func:`per_digit`."""
+    return [values[str(digit)] for digit in range(NUM_CLASSES)]
 
 
 def worst_digit(errors_per_digit: list[int]) -> int:

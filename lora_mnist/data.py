@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .files import file_sha256
+from .errors import DataError
+from .io import file_sha256
 
 # sha256 of the original, uncompressed IDX files.
 MNIST_SHA256 = {
@@ -21,10 +22,6 @@ SPLIT_FILES = {
 }
 # Normalisation constants of the seed notebook (MNIST's pixel mean and std after scaling to [0, 1]).
 MEAN, STD = 0.1307, 0.3081
-
-
-class DataError(ValueError):
-    """A dataset file is missing, damaged or not what it claims; the message names the file."""
 
 
 def read_idx(path: str | os.PathLike) -> torch.Tensor:

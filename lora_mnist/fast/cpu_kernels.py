@@ -1,20 +1,15 @@
-"""Training on CPU with the kernels of kernels/linear_adam.c: pretraining the MLP, and the frozen base layers
-of LoRA fine-tuning.
+"""Pretraining the MLP on CPU with the kernels of linear_adam.c.
 
 At batch 10 a CPU step is bound by memory traffic: autograd writes each weight gradient, Adam reads it back
 and the next forward reads the weights again. The C kernels form each gradient row in cache, update the
 weights and both Adam moments in the same pass, and compute the next batch's activations from the updated
 rows while they are still in cache; products with the zeros of ReLU outputs are skipped. The math is
 torch.optim.Adam's on the same seeded batches; results agree with the autograd path to float rounding and are
-deterministic (tests/test_fused.py).
-
-LoRA fine-tuning reads every frozen base weight twice a step (forward, and backward for the input gradient)
-in products with 10 rows, where torch's matrix product is slow: linear2's forward took 0.58 ms with torch and
-0.18-0.28 ms in the kernels here, its input gradient 0.53 and 0.17 ms (:func:`frozen_linear`).
+deterministic (tests/test_cpu_kernels.py).
 
 The kernels are compiled with the system's C compiler on first use and cached (``$LORA_KERNEL_CACHE``, else
-``$XDG_CACHE_HOME/lora-mnist``, else ``~/.cache/lora-mnist``); ``kernel="auto"`` falls back to the
-autograd path when no compiler with OpenMP is present.
+``$XDG_CACHE_HOME/lora-mnist``, else ``~/.cache/lora-mnist``); without a compiler with OpenMP the backend
+trains through autograd instead.
 """
 from __future__ import annotations
 
@@ -27,64 +22,50 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .mlp import OversizedMLP
-from .train import ADAM_BETAS, ADAM_EPS, batch_order, require_samples
+from ..errors import BackendError
+from .adam import ADAM_BETAS, ADAM_EPS
 
-KERNELS = ("auto", "fused", "torch")
-SOURCE = Path(__file__).with_name("kernels") / "linear_adam.c"
+SOURCE = Path(__file__).with_name("linear_adam.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 
 
-class KernelUnavailable(RuntimeError):
-    """The fused kernel cannot be built or used here."""
+class KernelUnavailable(BackendError):
+    """The CPU kernels cannot be built or used here."""
 
 
-def resolve_kernel(name: str, device: torch.device) -> str:
-    """'fused' or 'torch' for ``name`` in KERNELS; 'auto' is 'fused' on CPU when the kernel builds."""
-    if name not in KERNELS:
-        raise ValueError(f"kernel={name!r} is invalid: one of {', '.join(KERNELS)} is allowed")
-    if name == "torch" or (name == "auto" and device.type != "cpu"):
-        return "torch"
-    if device.type != "cpu":
-        raise KernelUnavailable(f"kernel='fused' runs on CPU only, not on {device}; use 'auto' or 'torch'")
-    if name == "auto" and not _kernel_builds():
-        return "torch"
-    _library()  # builds the kernel, or says why kernel='fused' cannot run here
-    return "fused"
-
-
-def train_fused(
-    model: OversizedMLP,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    desc: str = "train",
-) -> torch.Tensor:
-    """:func:`lora.train.train` for the plain MLP on CPU (Adam, cross-entropy, the same seeded batches), with
-    each layer's weight gradient, Adam update and next forward in one kernel call; returns every step's loss."""
-    require_samples(images)
+def trains_with_kernels(model: nn.Module, images: torch.Tensor) -> bool:
+    """Whether :func:`train_fused` can train ``model`` on ``images``: an MLP of linear1..3 (ReLU between), every
+    parameter a trainable, contiguous float32 CPU tensor, float32 CPU images, and a kernel that builds."""
+    layers = [getattr(model, name, None) for name in ("linear1", "linear2", "linear3")]
+    if not all(isinstance(layer, nn.Linear) and layer.bias is not None for layer in layers):
+        return False
+    if len(list(model.parameters())) != 2 * len(layers):
+        return False
     if images.dtype != torch.float32 or images.device.type != "cpu":
-        raise ValueError(f"kernel='fused' needs float32 CPU images, not {images.dtype} on {images.device}")
-    layers = [model.linear1, model.linear2, model.linear3]
+        return False
     if any(p.device.type != "cpu" or p.dtype != torch.float32 or not p.requires_grad or not p.is_contiguous()
            for p in model.parameters()):
-        raise KernelUnavailable("kernel='fused' trains contiguous float32 CPU models with every parameter trainable")
+        return False
+    return kernel_builds()
+
+
+def train_fused(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batches: list[torch.Tensor], lr: float,
+                desc: str = "train") -> torch.Tensor:
+    """The training loop for the plain MLP on CPU (Adam, cross-entropy, the same seeded batches), with each
+    layer's weight gradient, Adam update and next forward in one kernel call; returns every step's loss.
+    Only for models and images that :func:`trains_with_kernels` accepts."""
+    layers = [model.linear1, model.linear2, model.linear3]
     library, threads = _library(), torch.get_num_threads()
     moments = [[torch.zeros_like(p) for p in (layer.weight, layer.weight, layer.bias, layer.bias)] for layer in layers]
     scratch = torch.empty(threads, max(layer.in_features for layer in layers))
     relu = [depth < len(layers) - 1 for depth in range(len(layers))]  # a ReLU after every layer but the last
-    batches = batch_order(images.shape[0], batch_size, steps, seed)
+    steps = len(batches)
     losses = torch.empty(steps)
     with torch.no_grad():
         # the input and every layer's output for the current batch; the kernels compute them for the next one
@@ -118,49 +99,8 @@ def train_fused(
     return losses
 
 
-# The kernels' products read the weights once per 8 rows of input; torch's blocked product wins beyond about 10
-# (linear1's forward, 16 rows: 0.23 ms torch, 0.29 ms kernels; 10 rows: 0.22 and 0.15 ms).
-FROZEN_KERNEL_MAX_ROWS = 10
-
-
-def frozen_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` for a layer whose parameters are frozen: while training on CPU (gradients on, float32, at
-    most FROZEN_KERNEL_MAX_ROWS rows) through the kernels, whose input gradient skips the rows of zero output
-    gradients; else, or without a C compiler, through torch. Results agree to float rounding and do not
-    depend on the thread count."""
-    parameters = [p for p in (layer.weight, layer.bias) if p is not None]
-    if (not torch.is_grad_enabled() or x.dim() != 2 or x.shape[0] > FROZEN_KERNEL_MAX_ROWS
-            or x.layout != torch.strided or x.device.type != "cpu"
-            or x.dtype != torch.float32 or any(p.requires_grad or p.device.type != "cpu" or p.dtype != torch.float32
-                                               for p in parameters) or not _kernel_builds()):
-        return layer(x)
-    bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
-    return _FrozenLinear.apply(x.contiguous(), layer.weight.contiguous(), bias.contiguous())
-
-
-class _FrozenLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        out = x.new_empty(x.shape[0], weight.shape[0])
-        _library().linear_forward(*_ptrs(weight, bias, x, out), x.shape[0], weight.shape[1], weight.shape[0], 0,
-                                  torch.get_num_threads())
-        ctx.save_for_backward(weight)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        (weight,) = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_in = grad_out.new_empty(grad_out.shape[0], weight.shape[1])
-        _library().linear_input_grad(*_ptrs(weight, grad_out, None, grad_in), grad_out.shape[0], weight.shape[1],
-                                     weight.shape[0], torch.get_num_threads())
-        return grad_in, None, None
-
-
 @functools.cache
-def _kernel_builds() -> bool:
+def kernel_builds() -> bool:
     """Whether the kernel builds here, asked once per process (tests that change the compiler clear this cache
     with _library's)."""
     try:
@@ -193,7 +133,7 @@ def _build() -> Path:
     """The compiled kernel for this source, compiler and CPU, building it (atomically) when absent."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
-        raise KernelUnavailable(f"kernel='fused' needs a C compiler: {os.environ.get('CC', 'cc')!r} is not on PATH")
+        raise KernelUnavailable(f"the CPU kernels need a C compiler: {os.environ.get('CC', 'cc')!r} is not on PATH")
     key = hashlib.sha256(SOURCE.read_bytes())
     key.update(" ".join([compiler, *FLAGS, platform.machine(), _cpu_flags()]).encode())
     target = _cache_dir() / f"linear_adam-{key.hexdigest()[:16]}.so"
@@ -206,10 +146,10 @@ def _build() -> Path:
             result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
             if result.returncode != 0:
                 first = (result.stderr.strip().splitlines() or ["no output"])[0]
-                raise KernelUnavailable(f"kernel='fused' could not be compiled with {compiler}: {first}")
+                raise KernelUnavailable(f"the CPU kernels could not be compiled with {compiler}: {first}")
             os.replace(built, target)
     except OSError as exc:
-        raise KernelUnavailable(f"kernel='fused' could not be cached in {target.parent} ({exc.strerror}); "
+        raise KernelUnavailable(f"the CPU kernels could not be cached in {target.parent} ({exc.strerror}); "
                                 "set $LORA_KERNEL_CACHE to a writable directory") from None
     return target
 

@@ -1,0 +1,200 @@
+"""What the tests share: a small synthetic MNIST in IDX format, a user's own small model for the library's
+tests, params for quick stage runs, and commands run in temporary repositories."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from lora_mnist.data import MNIST_SHA256, SPLIT_FILES
+from lora_mnist.io import file_sha256
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ("linear1", "linear2", "linear3")
+
+
+class TinyMLP(nn.Module):
+    """Someone's own model, as the library sees it: three nn.Linear layers with ReLU between."""
+
+    def __init__(self, hidden_1: int = 1000, hidden_2: int = 2000) -> None:
+        super().__init__()
+        self.linear1, self.linear2, self.linear3 = nn.Linear(784, hidden_1), nn.Linear(hidden_1, hidden_2), nn.Linear(hidden_2, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear3(torch.relu(self.linear2(torch.relu(self.linear1(x.reshape(x.shape[0], -1))))))
+
+
+def write_idx(path: Path, array: torch.Tensor) -> None:
+    """Write a uint8 tensor as an IDX file (magic 0x000008<ndim>, big-endian int32 dims)."""
+    header = bytes([0, 0, 0x08, array.dim()]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header + array.contiguous().numpy().tobytes())
+
+
+# In the synthetic test split, half of the 7s are drawn as 1s: 7 is the digit any model gets most wrong.
+HARD_DIGIT, DRAWN_AS = 7, 1
+
+
+def synthetic_digits(count: int, seed: int, hard: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learnable fake digits: each class lights its own block of pixels, plus noise."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(count, dtype=torch.uint8) % 10
+    images = torch.randint(0, 60, (count, 28, 28), generator=generator, dtype=torch.uint8)
+    for index, label in enumerate(labels.tolist()):
+        if hard and label == HARD_DIGIT and index % 20 < 10:
+            label = DRAWN_AS
+        row = (label // 5) * 14
+        col = (label % 5) * 5
+        images[index, row : row + 10, col : col + 5] = 255
+    return images, labels
+
+
+def write_synthetic_mnist(raw_dir: Path, train: int = 300, test: int = 200) -> dict[str, str]:
+    """The four IDX files with synthetic content; returns their sha256 like lora_mnist.data.MNIST_SHA256."""
+    for split, count, seed in (("train", train, 1), ("test", test, 2)):
+        images, labels = synthetic_digits(count, seed, hard=split == "test")
+        image_name, label_name = SPLIT_FILES[split]
+        write_idx(raw_dir / image_name, images)
+        write_idx(raw_dir / label_name, labels)
+    return {name: file_sha256(raw_dir / name) for names in SPLIT_FILES.values() for name in names}
+
+
+def small_params() -> dict:
+    """The project's params.yaml with a schedule and model small enough for unit tests."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"] = {"hidden_1": 64, "hidden_2": 32}
+    params["pretrain"].update({"epochs": 2, "batch_size": 10, "max_steps": None})
+    params["finetune"].update({"steps": 20})
+    params["download"].update({"sources": ["local"], "source_dir": None})
+    params["device"] = "cpu"
+    return params
+
+
+def set_params(path: Path, **changes: object) -> None:
+    """Change dotted keys of params.yaml in place, comments kept: set_params(p, **{"lora.rank": 2})."""
+    from dvc.utils.serialize import modify_yaml
+
+    with modify_yaml(path) as params:
+        for dotted, value in changes.items():
+            section = params
+            *parents, key = dotted.split(".")
+            for parent in parents:
+                section = section[parent]
+            section[key] = value
+
+
+def run_env() -> dict[str, str]:
+    """Environment for commands in test repos: this venv first on PATH, a git identity, local MNIST if any."""
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    for role in ("AUTHOR", "COMMITTER"):
+        env[f"GIT_{role}_NAME"] = "lora-mnist tests"
+        env[f"GIT_{role}_EMAIL"] = "tests@lora-mnist.invalid"
+    local = ROOT / "data" / "mnist" / "raw"
+    if all((local / name).is_file() for name in MNIST_SHA256):
+        env["MNIST_SOURCE_DIR"] = str(local)  # reuse this checkout's download; a fresh clone uses npm
+    return env
+
+
+def sh(cwd: Path, *command: str, env: dict[str, str] | None = None, timeout: float = 900) -> str:
+    """Run a command, fail the test with its output if it fails, return stdout + stderr."""
+    result = subprocess.run(command, cwd=cwd, env=env or run_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def copy_working_tree(dest: Path) -> Path:
+    """The working tree (tracked and untracked, not ignored) copied into ``dest``."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.decode().split("\0")
+    for name in filter(None, files):
+        source = ROOT / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    return dest
+
+
+# Pipelines in temporary repos train this long (the one full-length run is tests/test_pipeline_e2e.py's).
+SHORT_SCHEDULE = {"pretrain.max_steps": 400, "finetune.steps": 40}
+
+
+def init_repo(repo: Path, message: str = "short schedule") -> Path:
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", message)
+    return repo
+
+
+PACKAGES = ("lora", "lora_mnist", "tasks", "flows")
+
+
+def _module_file(name: str) -> Path | None:
+    path = ROOT / Path(*name.split("."))
+    if (path / "__init__.py").is_file():
+        return path / "__init__.py"
+    return path.with_suffix(".py") if path.with_suffix(".py").is_file() else None
+
+
+def imported_modules(path: Path, module: str) -> set[str]:
+    """Every module ``path`` (the source of ``module``) imports, at any depth of its code, relative imports resolved;
+    ``from a import b`` counts as ``a`` and as ``a.b`` (b may be a module)."""
+    import ast
+
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            found.add(base)
+            found |= {f"{base}.{alias.name}" for alias in node.names}
+    return found
+
+
+def source_closure(module: str) -> set[str]:
+    """The project files that running ``module`` reads as code: every project module it imports, directly or not
+    (packages' __init__ included), and the C sources those modules name beside themselves."""
+    import ast
+
+    files: set[Path] = set()
+    todo, seen = [module], set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name.split(".")[0] not in PACKAGES:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:depth])
+            path = _module_file(prefix)
+            if path is None or path in files:
+                continue
+            files.add(path)
+            todo += sorted(imported_modules(path, prefix))
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".c") \
+                        and "/" not in node.value and (path.parent / node.value).is_file():
+                    files.add(path.parent / node.value)
+    return {str(path.relative_to(ROOT)) for path in files}
+
+
+def project_modules() -> dict[str, Path]:
+    """Every module of the project's packages, by dotted name."""
+    modules = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules

@@ -1,0 +1,116 @@
+"""The packages' import graph runs one way (lora ← lora_mnist ← tasks ← flows), and DVC's graph follows it:
+each stage depends on exactly the files it imports, so a change re-runs only the stages it touched."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tasks.report import SECTIONS
+from tests.helpers import ROOT, imported_modules, project_modules, run_env, set_params, sh, source_closure
+
+LAYERS = ["lora", "lora_mnist", "tasks", "flows"]  # each may import only those before it
+
+
+def _stages(dvc_file: str):
+    for name, stage in yaml.safe_load((ROOT / dvc_file).read_text())["stages"].items():
+        yield name, stage
+
+
+def _code_deps(stage: dict) -> set[str]:
+    return {dep for dep in stage.get("deps", []) if dep.endswith((".py", ".c"))}
+
+
+@pytest.mark.parametrize("dvc_file", ["dvc.yaml", "experiments/dvc.yaml"])
+def test_every_stage_depends_on_exactly_the_project_files_it_imports(dvc_file):
+    checked = 0
+    for name, stage in _stages(dvc_file):
+        module = stage["cmd"].split()[2]  # python -m tasks.<stage> ...
+        assert stage["cmd"].startswith(f"python -m {module}") and module.startswith("tasks."), name
+        assert _code_deps(stage) == source_closure(module), f"{dvc_file}:{name}"
+        checked += 1
+    assert checked >= 5
+
+
+def test_import_lora_in_a_fresh_interpreter_loads_nothing_of_the_experiment():
+    code = "import sys, lora; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    loaded = json.loads(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                                       check=True).stdout.replace("'", '"'))
+    assert "lora" in loaded
+    assert not {"lora_mnist", "tasks", "flows", "dvc", "dvclive", "prefect", "matplotlib", "yaml", "ruamel"} & set(loaded)
+
+
+def test_the_library_imports_only_torch_safetensors_and_the_standard_library():
+    allowed = {"torch", "safetensors", "lora", *sys.stdlib_module_names}
+    for module, path in project_modules().items():
+        if module.split(".")[0] == "lora":
+            outside = {name.split(".")[0] for name in imported_modules(path, module)} - allowed
+            assert not outside, f"{module} imports {outside}"
+
+
+def test_imports_run_one_way_between_the_packages_and_have_no_cycle():
+    modules = project_modules()
+    graph = {}
+    for module, path in modules.items():
+        graph[module] = {name for name in imported_modules(path, module) if name in modules and name != module}
+        layer = LAYERS.index(module.split(".")[0])
+        upward = {name for name in graph[module] if LAYERS.index(name.split(".")[0]) > layer}
+        assert not upward, f"{module} imports {upward} from a later layer"
+    state: dict[str, str] = {}
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = "open"
+        for name in sorted(graph[module]):
+            if state.get(name) == "open":
+                raise AssertionError("import cycle: " + " -> ".join([*trail, module, name]))
+            if name not in state:
+                visit(name, [*trail, module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+
+
+def test_the_experiment_groups_are_the_stages_of_experiments_dvc_yaml_and_the_report_sections():
+    groups = [name for name, _ in _stages("experiments/dvc.yaml") if name != "report"]
+    assert sorted(groups) == sorted(SECTIONS)
+    from flows.experiments import GROUPS
+
+    assert GROUPS == tuple(SECTIONS)
+
+
+@pytest.mark.slow
+def test_a_change_reruns_only_the_stages_that_import_it_and_forced_reruns_change_no_tracked_file(git_repo):
+    tiny = {"model.hidden_1": 64, "model.hidden_2": 32, "pretrain.max_steps": 200, "finetune.steps": 20}
+    set_params(git_repo / "params.yaml", **tiny)
+    sh(git_repo, "dvc", "repro")
+    sh(git_repo, "git", "add", "-A")
+    sh(git_repo, "git", "commit", "-qm", "tiny run")
+
+    def changed_stages() -> set[str]:
+        result = subprocess.run(["dvc", "status", "--json", "dvc.yaml"], cwd=git_repo, env=run_env(), capture_output=True,
+                                text=True, check=True)
+        status = json.loads(result.stdout)
+        return {name for name, changes in status.items()
+                if any("changed deps" in change or "changed command" in change for change in changes if isinstance(change, dict))}
+
+    layer = git_repo / "lora" / "layer.py"
+    original = layer.read_text()
+    layer.write_text(original.replace('"""LoRALinear:', '"""LoRALinear (a docstring edit):', 1))
+    assert changed_stages() == {"finetune", "evaluate"}
+    layer.write_text(original)
+
+    mlp = git_repo / "lora_mnist" / "mlp.py"
+    original = mlp.read_text()
+    mlp.write_text(original + "\n# an edit of the MLP's module\n")
+    assert changed_stages() == {"pretrain", "analyze", "finetune", "evaluate"}
+    mlp.write_text(original)
+    assert changed_stages() == set()
+
+    for _ in range(2):
+        sh(git_repo, "dvc", "repro", "--force")
+        assert sh(git_repo, "git", "status", "--porcelain") == ""
