@@ -30,12 +30,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 python -m pytest -m "not slow"
 
-# Benchmarks are run on demand, never as tests: stage times against the seed notebook, then LoRA layers.
+# Benchmarks are run on demand, never as tests: stage times against the seed notebook, then LoRA layers; each writes
+# its tables into its docs page.
 bench: $(STAMP) bench-lora
-	PATH="$(CURDIR)/$(BIN):$$PATH" python -m bench.pipeline
+	PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 python -m bench.pipeline --write docs/performance.md
 
 bench-lora: $(STAMP)
-	$(BIN)/python -m bench.lora_layers
+	$(BIN)/python -m bench.lora_layers --write docs/library.md
 
 # On a GPU machine whose python3 already has torch (DVC not needed): the CUDA tests, then the CUDA benchmark.
 bench-cuda:

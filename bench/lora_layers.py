@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
+from bench import Output
 from bench.seed_lora import apply_seed_lora
 from lora import LoRAConfig, inject, mark_only_lora_trainable, merge
 from lora_mnist.mlp import LAYERS, OversizedMLP
@@ -91,13 +92,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[10, 10_000])
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
+    parser.add_argument("--write", metavar="PAGE", help="also write the output into PAGE between its bench.lora_layers markers")
     args = parser.parse_args()
+    emit = Output()
 
     builders = variants()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print()
-    print("| variant | batch | forward (ms) | × ours | train step (ms) | × ours |")
-    print("|---|---:|---:|---:|---:|---:|")
+    emit(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    emit()
+    emit("| variant | batch | forward (ms) | × ours | train step (ms) | × ours |")
+    emit("|---|---:|---:|---:|---:|---:|")
     for batch in args.batches:
         rows = {}
         for name, build in builders.items():
@@ -108,9 +111,11 @@ def main() -> None:
         ref_forward, ref_step = rows["ours, unmerged"]
         for name, (forward, step) in rows.items():
             step_text = f"{1e3 * step:.3f} | {step / ref_step:.2f}" if step is not None else "– | –"
-            print(f"| {name} | {batch:,} | {1e3 * forward:.3f} | {forward / ref_forward:.2f} | {step_text} |")
-    print()
-    print("'ours, merged' vs 'bare base model' is the overhead of merged inference (should be ≈1.00).")
+            emit(f"| {name} | {batch:,} | {1e3 * forward:.3f} | {forward / ref_forward:.2f} | {step_text} |")
+    emit()
+    emit("'ours, merged' vs 'bare base model' is the overhead of merged inference (should be ≈1.00).")
+    if args.write:
+        emit.write_into(args.write, "bench.lora_layers")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from bench import Output
+
 ROOT = Path(__file__).resolve().parents[1]
 RAW = ROOT / "data" / "mnist" / "raw"
 STAGES = ("pretrain", "analyze", "finetune", "evaluate")
@@ -184,7 +186,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto (as the notebook: CUDA when present) | cpu | cuda")
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--kernels-only", action="store_true", help="only steps 1 and 2: no DVC needed")
+    parser.add_argument("--write", metavar="PAGE", help="also write the output into PAGE between its bench.pipeline markers")
     args = parser.parse_args()
+    emit = Output()
     from lora_mnist.errors import DeviceError
     from lora_mnist.train import resolve_device
 
@@ -215,44 +219,49 @@ def main() -> None:
     fused_mb = 4 * (6 * weights + input_grad_weights) / 1e6
     bandwidth = copy_bandwidth_gbs(device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} cores"
-    print(f"machine: {platform.machine()}, {where}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    emit(f"machine: {platform.machine()}, {where}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"device {device}, copy bandwidth {bandwidth:.1f} GB/s (bytes read + written); pretrain {steps} steps")
-    print()
-    print("| step | seed notebook (s) | this project (s) | ratio |")
-    print("|---|---:|---:|---:|")
+    emit()
+    emit("| step | seed notebook (s) | this project (s) | ratio |")
+    emit("|---|---:|---:|---:|")
     kernels = pretraining_kernels(device)
     labels = {key: label for key, (label, _) in kernels.items()} | {
         "test_base": "test set, base", "finetune_100": "100 LoRA steps", "test_lora_on": "test set, LoRA on",
         "test_lora_off": "test set, LoRA off"}
     for key, label in labels.items():
         seed_seconds = seed["seconds"][key if key in seed["seconds"] else "pretrain"]
-        print(f"| {label} | {seed_seconds:.2f} | {ours[key]:.3f} | {ours[key] / seed_seconds:.3f} |")
+        emit(f"| {label} | {seed_seconds:.2f} | {ours[key]:.3f} | {ours[key] / seed_seconds:.3f} |")
     if not args.kernels_only:
-        print(f"| end to end: notebook process vs `dvc repro` (data present) | {seed_wall:.1f} | {repro_wall:.1f} | "
+        emit(f"| end to end: notebook process vs `dvc repro` (data present) | {seed_wall:.1f} | {repro_wall:.1f} | "
               f"{repro_wall / seed_wall:.3f} |")
-    print()
+    emit()
     for key, (label, _) in kernels.items():
         fused = key == "pretrain" and device.type == "cpu"
         traffic_mb = fused_mb if fused else autograd_mb
         step_ms = 1e3 * ours[key] / steps
         floor_ms = traffic_mb / 1e3 / bandwidth * 1e3
-        print(f"{label}: {step_ms:.3f} ms/step, test accuracy {accuracy[key]:.4f}; a step moves {'at most' if fused else 'about'} "
+        emit(f"{label}: {step_ms:.3f} ms/step, test accuracy {accuracy[key]:.4f}; a step moves {'at most' if fused else 'about'} "
               f"{traffic_mb:.0f} MB, {floor_ms:.3f} ms at the copy bandwidth ({step_ms / floor_ms:.1f}x that floor)")
-    print(f"seed notebook on {seed['device']}: test accuracy {seed['accuracy']:.4f}, "
+    emit(f"seed notebook on {seed['device']}: test accuracy {seed['accuracy']:.4f}, "
           f"{1e3 * seed['seconds']['pretrain'] / steps:.3f} ms/step, peak RSS {seed_rss:.0f} MB")
-    if args.kernels_only:
-        return
-    print()
-    print("| stage (own process) | wall (s) | start-up: imports (s) | peak RSS (MB) |")
-    print("|---|---:|---:|---:|")
+    if not args.kernels_only:
+        stage_tables(emit, per_stage, sweep)
+    if args.write:
+        emit.write_into(args.write, "bench.pipeline")
+
+
+def stage_tables(emit: Output, per_stage: dict, sweep: dict) -> None:
+    emit()
+    emit("| stage (own process) | wall (s) | start-up: imports (s) | peak RSS (MB) |")
+    emit("|---|---:|---:|---:|")
     for stage, (wall, startup, rss) in per_stage.items():
-        print(f"| {stage} | {wall:.1f} | {startup:.1f} | {rss:.0f} |")
+        emit(f"| {stage} | {wall:.1f} | {startup:.1f} | {rss:.0f} |")
     if sweep:
-        print()
-        print("| LoRA configurations (dvc exp run --temp) | seconds | per configuration |")
-        print("|---:|---:|---:|")
+        emit()
+        emit("| LoRA configurations (dvc exp run --temp) | seconds | per configuration |")
+        emit("|---:|---:|---:|")
         for k, seconds in sweep.items():
-            print(f"| {k} | {seconds:.1f} | {seconds / k:.1f} |")
+            emit(f"| {k} | {seconds:.1f} | {seconds / k:.1f} |")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def reproduce(stage: str, log: Callable[[str], Any]) -> None:
 def validate_overrides(overrides: dict[str, Any]) -> None:
     """Refuse, before anything runs, an override of an unknown key or to a value params.yaml forbids."""
     params = with_overrides(load_raw(PARAMS_FILE), overrides)  # raises ParamsError naming the bad value
-    lora_config(params)  # the `lora` section, checked by LoRAConfig
+    lora_config(params, f"{PARAMS_FILE} with overrides {overrides}")  # the `lora` section, checked by LoRAConfig
     check_backend(params.backend)
 
 

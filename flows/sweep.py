@@ -53,6 +53,10 @@ def run_queue(jobs: int) -> None:
     dvc("exp", "run", "--run-all", "--jobs", str(jobs))
 
 
+def _plain(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value  # exp_show gives every number as float
+
+
 def results_table(names: list[str], keys: list[str]) -> list[dict[str, Any]]:
     """One row per experiment: its params and headline metrics, from `dvc exp show`."""
     import dvc.api
@@ -61,8 +65,9 @@ def results_table(names: list[str], keys: list[str]) -> list[dict[str, Any]]:
     rows = []
     for name in names:
         row = shown.get(name) or {}
-        rows.append({"experiment": name, **{key: row.get(key) for key in keys},
-                     **{label: row.get(column, row.get(column.split(":", 1)[1])) for column, label in RESULT_COLUMNS.items()}})
+        rows.append({"experiment": name, **{key: _plain(row.get(key)) for key in keys},
+                     **{label: _plain(row.get(column, row.get(column.split(":", 1)[1])))
+                        for column, label in RESULT_COLUMNS.items()}})
     return rows
 
 

@@ -27,8 +27,16 @@ def repo_copy(tmp_path: Path) -> Path:
     return copy_working_tree(tmp_path / "repo")
 
 
+@pytest.fixture(scope="session")
+def dvc_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One DVC cache for the session's test repos: a stage that another test already ran with the same code,
+    params and inputs comes from DVC's run cache."""
+    return tmp_path_factory.mktemp("dvc-cache")
+
+
 @pytest.fixture
-def git_repo(repo_copy: Path) -> Path:
-    """The working tree in a fresh git repo with one commit, set to a short training schedule."""
+def git_repo(repo_copy: Path, dvc_cache: Path) -> Path:
+    """The working tree in a fresh git repo with one commit, set to a short training schedule, on the shared
+    DVC cache."""
     set_params(repo_copy / "params.yaml", **SHORT_SCHEDULE)
-    return init_repo(repo_copy)
+    return init_repo(repo_copy, dvc_cache=dvc_cache)

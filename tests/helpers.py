@@ -126,11 +126,21 @@ def copy_working_tree(dest: Path) -> Path:
 SHORT_SCHEDULE = {"pretrain.max_steps": 400, "finetune.steps": 40}
 
 
-def init_repo(repo: Path, message: str = "short schedule") -> Path:
+def init_repo(repo: Path, message: str = "short schedule", dvc_cache: Path | None = None) -> Path:
+    """``repo`` as a git repo with one commit; with ``dvc_cache``, DVC's cache (and so its run cache) is that
+    shared directory, as on a machine where several checkouts share one: a stage run once with the same code,
+    params and inputs is restored instead of run again."""
     sh(repo, "git", "init", "-q")
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", message)
+    if dvc_cache is not None:
+        use_dvc_cache(repo, dvc_cache)
     return repo
+
+
+def use_dvc_cache(repo: Path, dvc_cache: Path) -> None:
+    """Point ``repo``'s DVC cache at ``dvc_cache`` in its git-ignored local config (`dvc cache dir --local`)."""
+    (repo / ".dvc" / "config.local").write_text(f"[cache]\n    dir = {dvc_cache}\n")
 
 
 PACKAGES = ("lora", "lora_mnist", "tasks", "flows")

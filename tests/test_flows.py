@@ -126,7 +126,7 @@ def test_sweep_queues_every_grid_point_in_dvcs_queue_runs_them_and_tables_their_
     table = sweep(grid={"lora.rank": [2, 3]}, prefix="t", jobs=2)
     assert [row["experiment"] for row in table] == ["t-rank2", "t-rank3"]
     assert [row["lora.rank"] for row in table] == [2, 3]
-    assert all(isinstance(row["digit errors, LoRA on"], int) for row in table)
+    assert all(isinstance(row["digit errors, LoRA on"], int) for row in table), table
     assert json.loads(Artifact.get("sweep-results").data) == json.loads(json.dumps(table))
     diff = json.loads(sh(flow_repo, "dvc", "metrics", "diff", "HEAD", "t-rank3", "--json"))
     assert diff["metrics/finetune.json"]["trainable_parameters"]["new"] == 3 * 6794

@@ -1,4 +1,5 @@
-"""`dvc repro` end to end on real MNIST in a temporary git repo, then a LoRA experiment with `dvc exp run -S`."""
+"""`dvc repro` end to end on real MNIST in a temporary git repo, then a LoRA experiment with `dvc exp run -S`.
+This is the suite's one run on the full schedule (a whole epoch of pretraining, params.yaml as shipped)."""
 from __future__ import annotations
 
 import json
@@ -7,19 +8,19 @@ import subprocess
 import pytest
 
 from lora_mnist.data import MNIST_SHA256
-from tests.helpers import run_env, sh
+from tests.helpers import init_repo, run_env, sh
 
 pytestmark = pytest.mark.slow
 
 
-def test_dvc_repro_on_real_mnist_then_a_rank_experiment_reruns_only_finetune_and_evaluate(git_repo):
-    repo = git_repo
+def test_dvc_repro_on_real_mnist_then_a_rank_experiment_reruns_only_finetune_and_evaluate(repo_copy):
+    repo = init_repo(repo_copy, "as shipped")
     sh(repo, "dvc", "repro")
     raw = repo / "data" / "mnist" / "raw"
     assert sorted(p.name for p in raw.iterdir()) == sorted(MNIST_SHA256)
     result = json.loads((repo / "metrics" / "evaluate.json").read_text())
     analysis = json.loads((repo / "metrics" / "analyze.json").read_text())
-    assert result["base"]["accuracy"] > 0.85
+    assert result["base"]["accuracy"] > 0.9
     assert result["digit"] == analysis["worst_digit"]
     assert result["lora_off"] == result["base"]
     assert result["digit_errors"]["lora_on"] < result["digit_errors"]["base"]

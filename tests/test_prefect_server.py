@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_env, sh
+from tests.helpers import run_env, sh, use_dvc_cache
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -79,7 +79,7 @@ def _checkout(origin: Path, dest: Path, remote: Path, env: dict[str, str]) -> Pa
     return dest
 
 
-def test_deployed_pipeline_trains_on_the_gpu_pool_worker_and_matches_a_local_run(git_repo, prefect_env, tmp_path):
+def test_deployed_pipeline_trains_on_the_gpu_pool_worker_and_matches_a_local_run(git_repo, prefect_env, tmp_path, dvc_cache):
     env = prefect_env
     remote = tmp_path / "dvc-remote"
     cpu_checkout = _checkout(git_repo, tmp_path / "cpu-machine", remote, env)
@@ -118,6 +118,7 @@ def test_deployed_pipeline_trains_on_the_gpu_pool_worker_and_matches_a_local_run
     # Same params, same seed, one machine: a local `dvc repro` gives identical weights and metrics.
     local = tmp_path / "local-run"
     sh(git_repo.parent, "git", "clone", "-q", str(git_repo), str(local), env=env)
+    use_dvc_cache(local, dvc_cache)  # stages that other tests ran with these params come from the run cache
     sh(local, "dvc", "repro", env=env)
     for name in ("metrics/analyze.json", "metrics/finetune.json", "metrics/evaluate.json"):
         assert (cpu_checkout / name).read_text() == (local / name).read_text(), name
