@@ -22,7 +22,7 @@ from tasks.finetune import lora_config
 from tasks.params import PARAMS_FILE, ParamsError, load_raw, set_dotted, with_overrides
 
 # Order of dvc.yaml's DAG; the flows run the stages in this order.
-STAGES = ("download", "pretrain", "analyze", "finetune", "evaluate")
+STAGES = ("check_params", "download", "pretrain", "analyze", "finetune", "evaluate")
 TRAINING_STAGES = ("pretrain", "finetune")
 LOCK_FILE = Path(".dvc/tmp/lora-mnist-flow.lock")
 

@@ -4,7 +4,7 @@
     python -m flows.experiments --group rank_sweep --group seeds  # some groups; the report covers what exists
 
 Each group is one task running `dvc repro --single-item experiments/dvc.yaml:<group>` (all its matrix
-points), after the main pipeline's download and pretrain stages; up-to-date groups are Skipped.
+points), after the main pipeline's check_params, download and pretrain stages; up-to-date groups are Skipped.
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def experiments(groups: list[str] = list(GROUPS)) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"groups={unknown} are invalid: {list(GROUPS)} are allowed")
     with checkout_lock():
-        stages = ["download", "pretrain", *(f"{EXPERIMENTS_FILE}:{group}" for group in groups), f"{EXPERIMENTS_FILE}:report"]
+        stages = ["check_params", "download", "pretrain", *(f"{EXPERIMENTS_FILE}:{group}" for group in groups),
+                  f"{EXPERIMENTS_FILE}:report"]
         runs = [dvc_stage(stage, return_state=True).result() for stage in stages]
         create_markdown_artifact(
             key="lora-experiments-report", markdown=REPORT.read_text(), description=f"{REPORT}, built from experiments/results/"

@@ -26,6 +26,9 @@ INIT_METHODS = {
 }
 
 
+MAX_RANK = 2**16  # far above any layer's side here; a typo like r=10**9 is refused before any allocation
+
+
 @dataclass(frozen=True)
 class LoRAConfig:
     """Hyper-parameters of one adapter (Hu et al. 2021, arXiv 2106.09685).
@@ -46,6 +49,7 @@ class LoRAConfig:
             object.__setattr__(self, "target_modules", tuple(targets))
         checks = [
             ("r", isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1, "an integer >= 1"),
+            ("r", not isinstance(self.r, int) or self.r <= MAX_RANK, f"an integer up to {MAX_RANK}"),
             ("alpha", _is_number(self.alpha) and self.alpha > 0, "a finite number > 0"),
             ("dropout", _is_number(self.dropout) and 0.0 <= self.dropout < 1.0, "a number in [0, 1)"),
             ("init", isinstance(self.init, str) and self.init in INIT_METHODS, f"one of {sorted(INIT_METHODS)}"),

@@ -12,20 +12,52 @@ from pathlib import Path
 import torch
 
 
+def previous_version(path: Path) -> Path:
+    """Where :func:`atomic_dir` keeps the previous directory while it swaps in the new one."""
+    return path.with_name(f".{path.name}.old")
+
+
+def _writer_alive(tmp: Path) -> bool:
+    pid = tmp.name.split(".")[-3]  # .<name>.<pid>.<random>.tmp
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(path: Path) -> None:
+    """Remove what killed writers left beside ``path`` (``.<name>.<pid>.*.tmp`` of processes that are gone)."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        if not _writer_alive(tmp):
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; on success it replaces ``path`` as a whole."""
+    """Yield a temporary directory beside ``path``; on success it replaces ``path`` as a whole.
+
+    The swap is two renames. If a writer dies between them, ``path`` is missing and the previous directory
+    waits in :func:`previous_version`; the next write puts it back first, so a complete directory is never lost.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    old = previous_version(path)
+    if old.is_dir() and not path.exists():
+        os.replace(old, path)
+    clean_stale_temporaries(path)
+    tmp_dir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"))
     try:
         yield tmp_dir
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp_dir, 0o777 & ~mask)  # mkdtemp makes 0700 directories; outputs get the usual modes
-        for child in tmp_dir.iterdir():
-            os.chmod(child, 0o666 & ~mask)
-        old = path.with_name(f".{path.name}.old")
+        for child in tmp_dir.rglob("*"):
+            os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~mask)
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():
             os.replace(path, old)

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .config import LoRAConfig
+from .config import LoRAConfig, LoRAConfigError
 
 
 class LoRAMergeError(RuntimeError):
@@ -33,6 +33,7 @@ class LoRALinear(nn.Module):
         self.merged_adapter: str | None = None
         self.disabled = False
         self.inference_scale = 1.0  # multiplies the active adapter's delta: 0 = base, 1 = as trained
+        self.train(base_layer.training)  # wrapping a layer of a model in eval mode keeps it in eval mode (dropout off)
         self.add_adapter(adapter_name, config)
 
     @property
@@ -47,20 +48,32 @@ class LoRALinear(nn.Module):
     def merged(self) -> bool:
         return self.merged_adapter is not None
 
-    def add_adapter(self, name: str, config: LoRAConfig) -> None:
-        """Create adapter ``name`` (B = 0, A per ``config.init``) and make it the active one."""
+    def check_adapter(self, name: str, config: LoRAConfig) -> None:
+        """Raise, changing nothing, when adapter ``name`` with ``config`` cannot be added to this layer."""
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        # r above min(in, out) is allowed, as in PEFT: more parameters, but B·A's rank stays capped by that side.
+        # r above min(in, out) is allowed, as in PEFT: more parameters, but B·A's rank stays capped by that side;
+        # above max(in, out) the adapter holds more numbers than the full weight's update could need.
+        limit = max(self.in_features, self.out_features)
+        if config.r > limit:
+            raise LoRAConfigError("r", config.r, f"at most {limit} for a {self.in_features} -> {self.out_features} layer")
+
+    def add_adapter(self, name: str, config: LoRAConfig) -> None:
+        """Create adapter ``name`` (B = 0, A per ``config.init``). A new layer makes it active; on a layer
+        that already has adapters the active one stays, as in PEFT."""
+        self.check_adapter(name, config)
         weight = self.base_layer.weight
         factory = {"device": weight.device, "dtype": weight.dtype}
         self.lora_A[name] = nn.Linear(self.in_features, config.r, bias=False, **factory)
         self.lora_B[name] = nn.Linear(config.r, self.out_features, bias=False, **factory)
         self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        for table in (self.lora_A, self.lora_B, self.lora_dropout):
+            table[name].train(self.training)
         self.scaling[name] = config.scaling
         self.configs[name] = config
         self.reset_adapter(name)
-        self.active_adapter = name
+        if self.active_adapter is None:
+            self.active_adapter = name
 
     def reset_adapter(self, name: str) -> None:
         """Re-draw A from its init distribution and zero B, so the adapter's delta is exactly 0."""
@@ -75,25 +88,35 @@ class LoRALinear(nn.Module):
             nn.init.zeros_(self.lora_B[name].weight)
 
     def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` if this layer has it. If it was active, the first remaining adapter by name
+        becomes active (or none), as in PEFT, where every layer is told of every deletion."""
         if self.merged_adapter == name:
             raise LoRAMergeError(f"adapter {name!r} is merged: unmerge it before deleting it")
-        for table in (self.lora_A, self.lora_B, self.lora_dropout):
-            del table[name]
-        del self.scaling[name], self.configs[name]
+        if name in self.lora_A:
+            for table in (self.lora_A, self.lora_B, self.lora_dropout):
+                del table[name]
+            del self.scaling[name], self.configs[name]
         if self.active_adapter == name:
-            self.active_adapter = next(iter(self.lora_A), None)
+            self.active_adapter = min(self.lora_A, default=None)
 
     def set_adapter(self, name: str) -> None:
-        if name not in self.lora_A:
-            raise KeyError(f"no adapter {name!r} on this layer; present: {list(self.lora_A)}")
+        """Make ``name`` active here; a layer without that adapter then computes its base layer alone, as in PEFT."""
         if self.merged and name != self.merged_adapter:
             raise LoRAMergeError(f"adapter {self.merged_adapter!r} is merged: unmerge it before switching to {name!r}")
         self.active_adapter = name
 
+    def check_inference_scale(self, value: float) -> None:
+        """Raise unless ``value`` is a number >= 0 whose product with every adapter's scaling stays finite in
+        the layer's dtype (1e39 is infinite in float32)."""
+        largest = torch.finfo(self.base_layer.weight.dtype).max
+        allowed = f"a number >= 0 whose product with the adapter's scaling is at most {largest:.3g} ({self.base_layer.weight.dtype})"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+                or any(value * scaling > largest for scaling in self.scaling.values()):
+            raise ValueError(f"inference scale={value!r} is invalid: {allowed} is allowed")
+
     def set_inference_scale(self, value: float) -> None:
         """Scale the adapter's effect without retraining (0 gives the base model exactly, 1 the adapter)."""
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"inference scale={value!r} is invalid: a finite number >= 0 is allowed")
+        self.check_inference_scale(value)
         if self.merged:
             raise LoRAMergeError("an adapter is merged: unmerge it before changing the inference scale")
         self.inference_scale = float(value)
@@ -105,25 +128,34 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         name = self.active_adapter
-        if self.disabled or self.merged or name is None or self.inference_scale == 0:
+        if self.disabled or self.merged or name not in self.lora_A or self.inference_scale == 0:
             return out
         scale = self.scaling[name] * self.inference_scale
         return out + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * scale
 
     @torch.no_grad()
-    def merge(self, name: str | None = None) -> None:
-        """Fold adapter ``name`` (default: the active one) into the base weight; refuses non-finite results."""
+    def merged_weight(self, name: str | None = None) -> torch.Tensor:
+        """W + ΔW of adapter ``name`` (default: the active one), computed without writing anything; refuses a
+        merge that cannot happen or whose result is not finite."""
         name = name or self.active_adapter
-        if name is None:
-            raise LoRAMergeError("no adapter to merge")
+        if name is None or name not in self.lora_A:
+            raise LoRAMergeError(f"no adapter {name!r} to merge on this layer; present: {list(self.lora_A)}")
         if self.merged:
             raise LoRAMergeError(f"adapter {self.merged_adapter!r} is already merged: unmerge it first")
         merged = self.base_layer.weight + self.delta_weight(name).to(self.base_layer.weight.dtype)
         if not torch.isfinite(merged).all():
             raise LoRAMergeError(f"merging adapter {name!r} would give non-finite weights; base left intact")
+        return merged
+
+    @torch.no_grad()
+    def write_merged(self, merged: torch.Tensor, name: str | None = None) -> None:
+        """Write a weight from :meth:`merged_weight` into the base layer and record the merge."""
         self.base_layer.weight.copy_(merged)
-        self.merged_adapter = name
-        self.active_adapter = name
+        self.merged_adapter = self.active_adapter = name or self.active_adapter
+
+    def merge(self, name: str | None = None) -> None:
+        """Fold adapter ``name`` (default: the active one) into the base weight; refuses non-finite results."""
+        self.write_merged(self.merged_weight(name), name)
 
     @torch.no_grad()
     def unmerge(self) -> None:

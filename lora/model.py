@@ -1,4 +1,4 @@
-"""Model-level LoRA operations: inject adapters by module name, freeze the base, switch, merge, disable."""
+"""Model-level LoRA operations: inject adapters by module name, freeze the base, switch, delete, merge, disable."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -18,24 +18,40 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def active_adapter(model: nn.Module) -> str | None:
+    """The adapter the model's LoRA layers run (as the last set_adapter left them), or None."""
+    return next((layer.active_adapter for layer in lora_layers(model).values()), None)
+
+
 def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Wrap each target nn.Linear of ``model`` in a LoRALinear (in place) and add adapter ``adapter_name``.
 
-    Calling it again with another name adds a second adapter to the already wrapped layers.
+    All or nothing: every target is checked before any layer changes. On a model without adapters the new one
+    is active; calling it again with another name adds a second adapter and, as in PEFT, the active adapter
+    stays (``set_adapter`` switches).
     """
-    existing = lora_layers(model)
-    modules = dict(model.named_modules())
+    existing, modules = lora_layers(model), dict(model.named_modules())
+    for target in config.target_modules:
+        if target in existing:
+            existing[target].check_adapter(adapter_name, config)
+        elif not isinstance(modules.get(target), nn.Linear):
+            linears = sorted(n for n, m in modules.items() if isinstance(m, nn.Linear))
+            raise LoRAConfigError("target_modules", target, f"the name of an nn.Linear of the model ({', '.join(linears)})")
+        else:
+            limit = max(modules[target].in_features, modules[target].out_features)
+            if config.r > limit:
+                raise LoRAConfigError("r", config.r, f"at most {limit} for {target} "
+                                      f"({modules[target].in_features} -> {modules[target].out_features})")
+    active = active_adapter(model) if existing else adapter_name
     for target in config.target_modules:
         if target in existing:
             existing[target].add_adapter(adapter_name, config)
             continue
-        module = modules.get(target)
-        if not isinstance(module, nn.Linear):
-            linears = sorted(n for n, m in modules.items() if isinstance(m, nn.Linear))
-            raise LoRAConfigError("target_modules", target, f"the name of an nn.Linear of the model ({', '.join(linears)})")
         parent_name, _, child = target.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(module, adapter_name, config))
+        layer = LoRALinear(modules[target], adapter_name, config)
+        layer.active_adapter = active
+        setattr(parent, child, layer)
     return model
 
 
@@ -73,40 +89,64 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) ->
     return state
 
 
+def _adapter_names(model: nn.Module) -> set[str]:
+    return {name for layer in lora_layers(model).values() for name in layer.lora_A}
+
+
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Make ``adapter_name`` the active adapter of every layer that has it; the base is not touched."""
-    layers = [layer for layer in lora_layers(model).values() if adapter_name in layer.lora_A]
-    if not layers:
-        raise KeyError(f"the model has no adapter named {adapter_name!r}")
+    """Make ``adapter_name`` the active adapter of every LoRA layer, as PEFT does: a layer without it then
+    computes its base layer alone. The base weights are not touched."""
+    layers = list(lora_layers(model).values())
+    if adapter_name not in _adapter_names(model):
+        raise KeyError(f"the model has no adapter named {adapter_name!r}; present: {sorted(_adapter_names(model))}")
+    merged = sorted({layer.merged_adapter for layer in layers if layer.merged} - {adapter_name})
+    if merged:
+        raise LoRAMergeError(f"adapter {merged[0]!r} is merged: unmerge it before switching to {adapter_name!r}")
     for layer in layers:
         layer.set_adapter(adapter_name)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove ``adapter_name`` from every layer. Where it was active, the first remaining adapter by name
+    becomes active, layer by layer, as in PEFT. A merged adapter must be unmerged first."""
+    layers = list(lora_layers(model).values())
+    if adapter_name not in _adapter_names(model):
+        raise KeyError(f"the model has no adapter named {adapter_name!r}; present: {sorted(_adapter_names(model))}")
+    if any(layer.merged_adapter == adapter_name for layer in layers):
+        raise LoRAMergeError(f"adapter {adapter_name!r} is merged: unmerge it before deleting it")
+    for layer in layers:
+        layer.delete_adapter(adapter_name)
 
 
 def set_inference_scale(model: nn.Module, value: float) -> None:
     """Scale every LoRA layer's delta at inference: 0 gives the base outputs exactly, 1 the trained adapter."""
     layers = list(lora_layers(model).values())
+    for layer in layers:  # checked on every layer before any changes
+        layer.check_inference_scale(value)
     if any(layer.merged for layer in layers):
         raise LoRAMergeError("an adapter is merged: unmerge it before changing the inference scale")
-    for layer in layers:  # an invalid value is refused by the first layer, before any layer changes
+    for layer in layers:
         layer.set_inference_scale(value)
 
 
 def merge(model: nn.Module, adapter_name: str | None = None) -> None:
-    """Fold the adapter into the base weights of every LoRA layer; all-or-nothing on non-finite results."""
-    layers = list(lora_layers(model).values())
-    done = []
-    try:
-        for layer in layers:
-            layer.merge(adapter_name)
-            done.append(layer)
-    except Exception:
-        for layer in done:
-            layer.unmerge()
-        raise
+    """Fold the adapter (default: the active one) into the base weights of every LoRA layer that has it.
+    All or nothing: every layer's merged weight is computed and checked before any is written."""
+    name = adapter_name or active_adapter(model)
+    layers = [layer for layer in lora_layers(model).values() if name in layer.lora_A]
+    if not layers:
+        raise LoRAMergeError(f"no adapter {name!r} to merge; present: {sorted(_adapter_names(model))}")
+    planned = [(layer, layer.merged_weight(name)) for layer in layers]
+    for layer, weight in planned:
+        layer.write_merged(weight, name)
 
 
 def unmerge(model: nn.Module) -> None:
-    for layer in lora_layers(model).values():
+    """Subtract the merged deltas again (within float rounding: keep a copy of the base for bit-exactness)."""
+    layers = [layer for layer in lora_layers(model).values() if layer.merged]
+    if not layers:
+        raise LoRAMergeError("no adapter is merged")
+    for layer in layers:
         layer.unmerge()
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoRAConfig
-from .files import atomic_dir, non_finite, tensors_sha256
+from .files import atomic_dir, non_finite, previous_version, tensors_sha256
 from .model import DEFAULT_ADAPTER, adapter_state_dict, base_state_dict, inject, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
@@ -43,6 +43,8 @@ def save_adapter(
     info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write one adapter atomically; returns the provenance stored with it."""
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise ValueError(f"{directory}: is a file; an adapter is saved as a directory (nothing was written)")
     config = _adapter_config(model, adapter_name)
     tensors = {PEFT_PREFIX + k: v.contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
     bad = non_finite(tensors)
@@ -60,6 +62,9 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, to
     """Read and check an adapter directory: (config, tensors keyed ``<module>.lora_A.weight``, provenance)."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not directory.exists() and previous_version(directory).is_dir():
+        raise AdapterLoadError(f"{directory}: missing; an interrupted save left the previous adapter in "
+                               f"{previous_version(directory)}, which the next save puts back")
     for path in (config_path, weights_path):
         if not path.is_file():
             raise AdapterLoadError(f"{path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
@@ -69,6 +74,9 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, to
         raise AdapterLoadError(f"{config_path}: not valid JSON ({exc})") from None
     if not isinstance(raw, dict) or raw.get("peft_type", "LORA") != "LORA":
         raise AdapterLoadError(f"{config_path}: not a LoRA adapter config (peft_type must be LORA)")
+    unsupported = _unsupported_peft_field(raw)
+    if unsupported:
+        raise AdapterLoadError(f"{config_path}: {unsupported}; such an adapter is refused rather than loaded as plain LoRA")
     try:
         with safe_open(weights_path, framework="pt") as f:
             tensors = {_strip_prefix(k, weights_path): f.get_tensor(k) for k in f.keys()}
@@ -179,12 +187,52 @@ def _peft_config(config: LoRAConfig) -> dict[str, Any]:
         "lora_dropout": config.dropout,
         "use_rslora": config.use_rslora,
         "target_modules": list(config.target_modules),
-        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "init_lora_weights": _peft_init(config),
         "bias": "none",
         "fan_in_fan_out": False,
         "modules_to_save": None,
         "inference_mode": True,
     }
+
+
+# PEFT LoraConfig fields that change what an adapter computes, with the values plain LoRA has. An adapter
+# with any other value would load here and give other outputs than in PEFT, so it is refused.
+PLAIN_LORA = {
+    "alpha_pattern": lambda v: not v,
+    "rank_pattern": lambda v: not v,
+    "init_lora_weights": lambda v: v in (True, False, "gaussian"),  # others (pissa, olora, …) change the base
+    "use_dora": lambda v: not v,
+    "bias": lambda v: v in (None, "none"),
+    "modules_to_save": lambda v: not v,
+    "fan_in_fan_out": lambda v: not v,
+    "layers_to_transform": lambda v: v is None or v == [],
+    "layers_pattern": lambda v: not v,
+    "lora_bias": lambda v: not v,
+    "use_qalora": lambda v: not v,
+    "target_parameters": lambda v: not v,
+    "exclude_modules": lambda v: not v,
+    "trainable_token_indices": lambda v: not v,
+    "megatron_config": lambda v: v is None,
+    "alora_invocation_tokens": lambda v: v is None,
+}
+
+
+def _unsupported_peft_field(raw: dict[str, Any]) -> str | None:
+    for field, plain in PLAIN_LORA.items():
+        if field in raw and not plain(raw[field]):
+            return f"{field}={raw[field]!r} is not supported (plain LoRA has none)"
+    targets = raw.get("target_modules")
+    if isinstance(targets, str) and not targets.replace("_", "").replace(".", "").isalnum():
+        return f"target_modules={targets!r} is a regular expression, which is not supported: a list of module names is"
+    return None
+
+
+def _peft_init(config: LoRAConfig) -> bool | str:
+    """PEFT's name for the init, where PEFT has one: its "gaussian" is N(0, 1/r²), so our N(0, 1) at r = 1 too.
+    N(0, 1) at r > 1 has none; PEFT's default is written, and provenance keeps ours."""
+    if config.init == "gaussian" or (config.init == "normal" and config.r == 1):
+        return "gaussian"
+    return True
 
 
 def _strip_prefix(key: str, path: Path) -> str:

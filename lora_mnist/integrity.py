@@ -6,8 +6,17 @@ from torch import nn
 
 from lora import base_weights_sha256, disable_adapter
 
-from .errors import IntegrityError
+from .errors import IntegrityError, WeightsError
 from .metrics import predict
+
+
+def require_finite(logits: torch.Tensor, adapter: object) -> torch.Tensor:
+    """``logits`` if every one is finite; an adapter whose values are huge, though finite, overflows here."""
+    bad = int((~torch.isfinite(logits)).any(dim=1).sum())
+    if bad:
+        raise WeightsError(f"{adapter}: with the adapter on, the logits of {bad} images are not finite; "
+                           "its values are too large for this base model")
+    return logits
 
 
 def check_integrity(model: nn.Module, images: torch.Tensor, base_logits: torch.Tensor, recorded: dict[str, str | None],

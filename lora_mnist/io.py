@@ -15,12 +15,27 @@ from typing import Any
 import torch
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``."""
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``. Temporary
+    files that killed writers left beside ``path`` (``.<name>.<pid>.*.tmp``) are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = stale.name.split(".")[-3]
+        if stale.is_file() and not (pid.isdigit() and _process_alive(int(pid))):
+            stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -43,9 +43,14 @@ def load_mlp(path: str | os.PathLike, hidden_1: int, hidden_2: int, device: torc
     """The MLP whose weights are in ``path``, checked against the architecture given, in eval mode."""
     model = OversizedMLP(hidden_1, hidden_2)
     try:
-        model.load_state_dict(load_tensors(path))
+        tensors = load_tensors(path)
     except ValueError as exc:
         raise WeightsError(str(exc)) from None
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise WeightsError(f"{path}: non-finite values in tensor {bad[0]}" + (f" and {len(bad) - 1} more" if bad[1:] else ""))
+    try:
+        model.load_state_dict(tensors)
     except RuntimeError as exc:  # load_state_dict's report of missing, unexpected or misshapen tensors
         detail = " ".join(str(exc).split())
         raise WeightsError(f"{path}: does not fit model hidden_1={hidden_1}, hidden_2={hidden_2} ({detail})") from None

@@ -54,5 +54,9 @@ def target_digit() -> int:
     return digit
 
 
-if __name__ == "__main__":
+def main() -> None:
     run_cli(run)
+
+
+if __name__ == "__main__":
+    main()

@@ -172,5 +172,9 @@ def run(params: Params) -> dict[str, str]:
     return used
 
 
-if __name__ == "__main__":
+def main() -> None:
     run_cli(run)
+
+
+if __name__ == "__main__":
+    main()

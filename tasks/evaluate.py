@@ -8,8 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 from lora import AdapterLoadError, load_adapter
+from lora.save_load import PROVENANCE_NAME
 from lora_mnist.backend import check_backend
-from lora_mnist.integrity import check_integrity
+from lora_mnist.errors import DataError
+from lora_mnist.integrity import check_integrity, require_finite
 from lora_mnist.io import write_csv, write_json
 from lora_mnist.metrics import per_digit, predict, summarize
 from lora_mnist.train import resolve_device
@@ -34,14 +36,14 @@ def run(params: Params) -> dict[str, Any]:
 
     # The integrity check compares the hashes itself, with its own verdict, so the loader does not.
     provenance = load_adapter(model, ADAPTER_DIR, allow_base_mismatch=True)
+    digit = provenance_digit(provenance)
     base_sha = check_integrity(model, images, base_logits, {
         "before fine-tuning": provenance.get("base_weights_sha256_before"),
         "after fine-tuning": provenance.get("base_weights_sha256"),
     }, backend)
-    on_logits = predict(model, images, backend)
+    on_logits = require_finite(predict(model, images, backend), ADAPTER_DIR)
     off_logits = base_logits  # bit for bit, as check_integrity has just shown
 
-    digit = int(provenance["digit"])
     base, on, off = (summarize(labels, logits) for logits in (base_logits, on_logits, off_logits))
     change = [a - b for a, b in zip(on["errors_per_digit"], base["errors_per_digit"])]
     result = {
@@ -59,6 +61,15 @@ def run(params: Params) -> dict[str, Any]:
     _write_reports(labels, base_logits, on_logits, base, on, off, digit)
     print(table(base, on, off, digit))
     return result
+
+
+def provenance_digit(provenance: dict[str, Any]) -> int:
+    """The digit the adapter was fine-tuned on, as its provenance file records it."""
+    digit = provenance.get("digit")
+    if isinstance(digit, bool) or not isinstance(digit, int) or not 0 <= digit <= 9:
+        raise DataError(f"{ADAPTER_DIR / PROVENANCE_NAME}: digit={digit!r} is invalid: a digit 0-9 is allowed; "
+                        "`dvc repro finetune` rebuilds the adapter")
+    return digit
 
 
 def _brief(summary: dict[str, Any]) -> dict[str, Any]:
@@ -102,5 +113,9 @@ def _plot_per_digit(base: dict[str, Any], on: dict[str, Any], digit: int) -> Non
     save_figure(fig, PER_DIGIT_PNG)
 
 
-if __name__ == "__main__":
+def main() -> None:
     run_cli(run, AdapterLoadError)
+
+
+if __name__ == "__main__":
+    main()

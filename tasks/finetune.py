@@ -106,5 +106,9 @@ def run(params: Params) -> dict[str, Any]:
     return result
 
 
-if __name__ == "__main__":
+def main() -> None:
     run_cli(run, LoRAConfigError)
+
+
+if __name__ == "__main__":
+    main()

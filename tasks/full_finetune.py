@@ -72,5 +72,9 @@ def run(params: Params) -> dict[str, Any]:
     return result
 
 
-if __name__ == "__main__":
+def main() -> None:
     run_cli(run, LoRAConfigError, AdapterLoadError)
+
+
+if __name__ == "__main__":
+    main()

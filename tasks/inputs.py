@@ -1,16 +1,20 @@
-"""What the stages read: an MNIST split after a memory check, and the base model of models/."""
+"""What the stages read: an MNIST split after a memory check, and the base model of models/, checked
+against the sha256 that pretrain recorded of what it wrote."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from lora_mnist.data import load_split, split_image_file
+from lora_mnist.errors import DataError, IntegrityError
+from lora_mnist.io import file_sha256
 from lora_mnist.memory import require_memory
 from lora_mnist.mlp import OversizedMLP, layer_sides, load_mlp
 
 from .params import Params
-from .paths import BASE_WEIGHTS, RAW_DIR
+from .paths import BASE_WEIGHTS, PRETRAIN_SUMMARY, RAW_DIR
 
 
 def load_data(stage: str, params: Params, split: str, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,6 +25,28 @@ def load_data(stage: str, params: Params, split: str, training: bool) -> tuple[t
     return load_split(RAW_DIR, split)
 
 
-def load_base_model(params: Params, device: torch.device, path: Path = BASE_WEIGHTS) -> OversizedMLP:
-    """The pretrained MLP of ``path``, checked against the architecture in params.yaml."""
-    return load_mlp(path, params.model.hidden_1, params.model.hidden_2, device)
+def recorded_base_sha256(summary: Path = PRETRAIN_SUMMARY) -> str:
+    """The sha256 of models/base.safetensors as pretrain wrote it."""
+    rebuild = "`dvc repro pretrain` rebuilds it"
+    try:
+        recorded = json.loads(summary.read_text())["weights_sha256"]
+    except FileNotFoundError:
+        raise DataError(f"{summary}: not found; {rebuild}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as exc:
+        raise DataError(f"{summary}: no 'weights_sha256' of the base weights ({type(exc).__name__}); {rebuild}") from None
+    if not isinstance(recorded, str):
+        raise DataError(f"{summary}: weights_sha256={recorded!r} is not a sha256; {rebuild}")
+    return recorded
+
+
+def load_base_model(params: Params, device: torch.device) -> OversizedMLP:
+    """The pretrained MLP of models/base.safetensors, checked byte for byte against what pretrain wrote and
+    against the architecture in params.yaml."""
+    if not BASE_WEIGHTS.is_file():
+        raise DataError(f"{BASE_WEIGHTS}: not found; `dvc repro pretrain` builds it")
+    actual, recorded = file_sha256(BASE_WEIGHTS), recorded_base_sha256()
+    if actual != recorded:
+        raise IntegrityError(f"integrity check failed: {BASE_WEIGHTS} has sha256 {actual[:16]}…, not the {recorded[:16]}… "
+                             f"that pretrain wrote ({PRETRAIN_SUMMARY}): the frozen weights changed; "
+                             "`dvc repro pretrain` rebuilds them")
+    return load_mlp(BASE_WEIGHTS, params.model.hidden_1, params.model.hidden_2, device)

@@ -1,15 +1,16 @@
 """Where the stages read and write, relative to the project root (dvc.yaml and experiments/dvc.yaml agree)."""
 from pathlib import Path
 
+CHECKED_PARAMS = Path("checked_params")  # each stage's params, as check_params validated them
 RAW_DIR = Path("data/mnist/raw")
 BASE_WEIGHTS = Path("models/base.safetensors")
 ADAPTER_DIR = Path("models/adapter")
-PRETRAIN_METRICS = Path("metrics/pretrain.json")
 ANALYSIS = Path("metrics/analyze.json")
 FINETUNE_METRICS = Path("metrics/finetune.json")
 EVALUATE_METRICS = Path("metrics/evaluate.json")
 REPORTS = Path("reports")
 DVCLIVE = Path("dvclive")
+PRETRAIN_SUMMARY = DVCLIVE / "pretrain" / "metrics.json"  # with the sha256 of the weights pretrain wrote
 # The experiments pipeline (experiments/dvc.yaml): results in git, models in the DVC cache.
 EXPERIMENT_RESULTS = Path("experiments/results")
 EXPERIMENT_MODELS = Path("experiments/models")

@@ -8,6 +8,7 @@ import torch
 
 from lora_mnist.backend import check_backend, training_path
 from lora_mnist.batches import steps_for_epochs
+from lora_mnist.io import file_sha256
 from lora_mnist.mlp import OversizedMLP, save_mlp
 from lora_mnist.train import resolve_device, train
 
@@ -42,11 +43,15 @@ def run(params: Params) -> dict[str, Any]:
     seconds = time.perf_counter() - started  # printed only: no timing goes into a tracked output
 
     save_mlp(model, BASE_WEIGHTS)
-    log_losses("pretrain", losses, training_path=path)
+    log_losses("pretrain", losses, training_path=path, weights_sha256=file_sha256(BASE_WEIGHTS))
     print(f"pretrain: {len(losses)} steps on {device} ({path}) in {seconds:.1f} s ({1e3 * seconds / len(losses):.2f} ms/step), "
           f"mean loss of the last 100 steps {losses[-100:].mean():.4f}; weights in {BASE_WEIGHTS}")
     return {"steps": len(losses), "losses": losses, "training_path": path}
 
 
-if __name__ == "__main__":
+def main() -> None:
     run_cli(run)
+
+
+if __name__ == "__main__":
+    main()

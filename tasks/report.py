@@ -348,5 +348,9 @@ def run(params: Params | None = None) -> dict[str, Any]:
     return summary
 
 
-if __name__ == "__main__":
+def main() -> None:
     run_cli(run)
+
+
+if __name__ == "__main__":
+    main()

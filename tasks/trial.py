@@ -18,7 +18,7 @@ from typing import Any
 from lora import AdapterLoadError, LoRAConfigError, base_weights_sha256, save_adapter, set_inference_scale, trainable_parameters
 from lora.save_load import WEIGHTS_NAME
 from lora_mnist.backend import check_backend
-from lora_mnist.integrity import check_integrity
+from lora_mnist.integrity import check_integrity, require_finite
 from lora_mnist.io import write_json
 from lora_mnist.metrics import per_digit, predict, summarize
 from lora_mnist.mlp import save_mlp
@@ -71,7 +71,7 @@ def run(params: Params, name: str, overrides: dict[str, Any], pretrain: bool) ->
     curve = []
     for scale in SCALES:
         set_inference_scale(model, scale)
-        summary = summarize(test_labels, predict(model, test_images, backend))
+        summary = summarize(test_labels, require_finite(predict(model, test_images, backend), out / "adapter"))
         curve.append({"scale": scale, "accuracy": summary["accuracy"], "errors_per_digit": per_digit(summary["errors_per_digit"])})
 
     result = {

@@ -30,6 +30,19 @@ class TinyMLP(nn.Module):
         return self.linear3(torch.relu(self.linear2(torch.relu(self.linear1(x.reshape(x.shape[0], -1))))))
 
 
+def one_line_error(main, capsys) -> str:
+    """Run a stage's command-line entry point (``tasks.<stage>.main``) in this process, as `python -m` would;
+    it must exit with status 2 and one line on stderr, which is returned."""
+    import pytest
+
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
 def write_idx(path: Path, array: torch.Tensor) -> None:
     """Write a uint8 tensor as an IDX file (magic 0x000008<ndim>, big-endian int32 dims)."""
     header = bytes([0, 0, 0x08, array.dim()]) + b"".join(d.to_bytes(4, "big") for d in array.shape)

@@ -35,6 +35,16 @@ def test_every_stage_depends_on_exactly_the_project_files_it_imports(dvc_file):
     assert checked >= 5
 
 
+@pytest.mark.parametrize("dvc_file", ["dvc.yaml", "experiments/dvc.yaml"])
+def test_every_stage_depends_on_the_checked_file_of_each_param_it_declares(dvc_file):
+    from tasks.check_params import checked_path
+
+    for name, stage in _stages(dvc_file):
+        deps = set(stage.get("deps", []))
+        missing = {str(checked_path(key)) for key in stage.get("params", [])} - deps
+        assert not missing, f"{dvc_file}:{name} lacks {missing}"
+
+
 def test_import_lora_in_a_fresh_interpreter_loads_nothing_of_the_experiment():
     code = "import sys, lora; print(sorted({m.split('.')[0] for m in sys.modules}))"
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
@@ -101,15 +111,46 @@ def test_a_change_reruns_only_the_stages_that_import_it_and_forced_reruns_change
     layer = git_repo / "lora" / "layer.py"
     original = layer.read_text()
     layer.write_text(original.replace('"""LoRALinear:', '"""LoRALinear (a docstring edit):', 1))
-    assert changed_stages() == {"finetune", "evaluate"}
+    assert changed_stages() == {"check_params", "finetune", "evaluate"}  # check_params validates lora with LoRAConfig
     layer.write_text(original)
 
     mlp = git_repo / "lora_mnist" / "mlp.py"
     original = mlp.read_text()
     mlp.write_text(original + "\n# an edit of the MLP's module\n")
-    assert changed_stages() == {"pretrain", "analyze", "finetune", "evaluate"}
+    assert changed_stages() == {"check_params", "pretrain", "analyze", "finetune", "evaluate"}
     mlp.write_text(original)
     assert changed_stages() == set()
 
     sh(git_repo, "dvc", "repro", "--force")  # a second run of every stage: the same bytes in every tracked file
     assert sh(git_repo, "git", "status", "--porcelain") == ""
+
+
+TINY = {"model.hidden_1": 64, "model.hidden_2": 32, "pretrain.max_steps": 200, "finetune.steps": 20}
+BAD_VALUES = [  # one per section of params.yaml, and the values DVC's `==` would take for unchanged ones
+    "lora.rank=true", "lora.dropout=false", "finetune.lr=inf", "finetune.digit=11", "pretrain.lr=1e400",
+    "model.hidden_1=0", "download.sources=[ftp]", "seed=18446744073709551616", "backend=fused",
+]
+
+
+@pytest.mark.slow
+def test_a_refused_param_through_dvc_exp_run_or_dvc_repro_leaves_every_output_byte_for_byte(git_repo):
+    set_params(git_repo / "params.yaml", **TINY)
+    sh(git_repo, "dvc", "repro")
+    sh(git_repo, "git", "add", "-A")
+    sh(git_repo, "git", "commit", "-qm", "tiny run")
+    outputs = ["data", "models", "metrics", "reports", "dvclive", "checked_params"]
+
+    def snapshot() -> dict[str, bytes]:
+        return {str(path): path.read_bytes() for name in outputs for path in sorted((git_repo / name).rglob("*")) if path.is_file()}
+
+    before = snapshot()
+    for bad in BAD_VALUES:
+        result = subprocess.run(["dvc", "exp", "run", "-S", bad], cwd=git_repo, env=run_env(), capture_output=True, text=True)
+        errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error: params.yaml")]
+        assert result.returncode != 0 and len(errors) == 1, (bad, result.stdout + result.stderr)
+        assert snapshot() == before, bad
+        sh(git_repo, "git", "checkout", "params.yaml")
+    (git_repo / "params.yaml").write_text((git_repo / "params.yaml").read_text() + "typo: 1\n")  # by hand, then `dvc repro`
+    result = subprocess.run(["dvc", "repro"], cwd=git_repo, env=run_env(), capture_output=True, text=True)
+    assert result.returncode != 0 and "error: params.yaml: unknown key 'typo'" in result.stdout + result.stderr
+    assert snapshot() == before

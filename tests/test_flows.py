@@ -60,7 +60,8 @@ def test_pipeline_flow_runs_stages_through_dvc_publishes_artifacts_and_records_o
     sh(flow_repo, "git", "add", "-A")
     sh(flow_repo, "git", "commit", "-qm", "baseline")
     third = pipeline(overrides={"lora.rank": 2}, training="local", experiment_name="flow-rank2")
-    assert ran(third) == {"download": "skipped", "pretrain": "skipped", "analyze": "skipped", "finetune": "here", "evaluate": "here"}
+    assert ran(third) == {"check_params": "here", "download": "skipped", "pretrain": "skipped", "analyze": "skipped",
+                          "finetune": "here", "evaluate": "here"}
     params_text = (flow_repo / "params.yaml").read_text()
     assert yaml.safe_load(params_text)["lora"]["rank"] == 2
     assert "# Every key is validated" in params_text, "overrides must keep params.yaml's comments"
@@ -148,8 +149,8 @@ def test_experiments_flow_runs_the_chosen_groups_then_publishes_the_report(flow_
 
     shutil.rmtree(flow_repo / "experiments" / "results")  # the committed real results; only this run's will be there
     first = experiments(groups=["full_finetune"])
-    assert ran(first) == {"download": "here", "pretrain": "here", "experiments/dvc.yaml:full_finetune": "here",
-                          "experiments/dvc.yaml:report": "here"}
+    assert ran(first) == {"check_params": "here", "download": "here", "pretrain": "here",
+                          "experiments/dvc.yaml:full_finetune": "here", "experiments/dvc.yaml:report": "here"}
     report = Artifact.get("lora-experiments-report").data
     assert "## LoRA against full fine-tuning" in report and "No results yet for: rank_sweep, seeds" in report
     lora, full = first["summary"]["full_finetune"]["lora"], first["summary"]["full_finetune"]["full"]

@@ -2,15 +2,17 @@
 `lora` section by LoRAConfig itself; numbers are read as DVC reads them (YAML 1.2)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from tasks.finetune import lora_config
 from tasks.params import Params, ParamsError, load_params, parse_overrides, with_overrides
-from tests.helpers import ROOT, set_params
+from tests.helpers import ROOT, one_line_error, set_params
 
 
 def test_the_shipped_params_are_valid_and_typed():
@@ -100,3 +102,31 @@ def test_a_stage_with_bad_params_exits_non_zero_with_one_line_and_writes_nothing
         "error: params.yaml: pretrain.lr=0 is invalid: a finite number > 0 is allowed"
     ]
     assert not (project / "models").exists()
+
+
+def test_check_params_writes_each_checked_value_to_its_own_file(project):
+    from tasks import check_params
+
+    check_params.run(load_params(project / "params.yaml"))
+    checked = project / "checked_params"
+    assert json.loads((checked / "lora" / "rank.json").read_text()) == 1
+    assert json.loads((checked / "seed.json").read_text()) == 0
+    assert json.loads((checked / "finetune" / "digit.json").read_text()) == "auto"
+    assert check_params.checked_path("lora") == Path("checked_params/lora")
+    assert check_params.checked_path("finetune.digit") == Path("checked_params/finetune/digit.json")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("lora.rank", True, "lora.rank=True is invalid"),      # DVC's params comparison takes true for 1
+    ("lora.dropout", False, "lora.dropout=False is invalid"),  # and false for 0
+    ("backend", "gpu", "backend='gpu' is invalid"),
+])
+def test_check_params_refuses_what_dvc_would_take_for_unchanged_and_keeps_the_checked_files(project, capsys, key, value, message):
+    from tasks import check_params
+
+    checked = project / "checked_params"
+    check_params.run(load_params(project / "params.yaml"))
+    before = {path: path.read_bytes() for path in checked.rglob("*.json")}
+    set_params(project / "params.yaml", **{key: value})
+    assert message in one_line_error(check_params.main, capsys)
+    assert {path: path.read_bytes() for path in checked.rglob("*.json")} == before

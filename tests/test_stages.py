@@ -18,7 +18,7 @@ from lora_mnist.metrics import worst_digit
 from tasks import analyze, evaluate, finetune, pretrain
 from tasks.params import load_params
 from tasks.paths import ANALYSIS, BASE_WEIGHTS
-from tests.helpers import HARD_DIGIT, ROOT, set_params
+from tests.helpers import HARD_DIGIT, ROOT, one_line_error, set_params
 
 
 def run_all(until: str = "evaluate") -> dict:
@@ -68,7 +68,7 @@ def test_pretrain_records_the_training_path_its_backend_took(project, backend, p
     assert summary["training_path"] == path
 
 
-def test_pretrain_falls_back_to_autograd_without_a_compiler_and_a_bad_backend_is_one_line(project, monkeypatch, tmp_path):
+def test_pretrain_falls_back_to_autograd_without_a_compiler_and_a_bad_backend_is_one_line(project, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("CC", "no-such-compiler")
     monkeypatch.setenv("LORA_KERNEL_CACHE", str(tmp_path / "empty-cache"))
     cpu_kernels._library.cache_clear()
@@ -80,9 +80,7 @@ def test_pretrain_falls_back_to_autograd_without_a_compiler_and_a_bad_backend_is
         cpu_kernels.kernel_builds.cache_clear()
     weights = BASE_WEIGHTS.read_bytes()
     set_params(project / "params.yaml", backend="fused")
-    result = subprocess.run([sys.executable, "-m", "tasks.pretrain"], cwd=project, capture_output=True, text=True)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["error: backend='fused' is invalid: one of 'auto', 'torch' is allowed"]
+    assert one_line_error(pretrain.main, capsys) == "error: backend='fused' is invalid: one of 'auto', 'torch' is allowed"
     assert BASE_WEIGHTS.read_bytes() == weights
 
 
@@ -140,10 +138,71 @@ def _flip_one_bit(path) -> None:
     save_file(tensors, path)
 
 
+def test_a_base_bit_flipped_after_pretrain_stops_finetune_in_one_line(project, capsys):
+    run_all(until="analyze")
+    _flip_one_bit(BASE_WEIGHTS)
+    error = one_line_error(finetune.main, capsys)
+    assert "integrity check failed: models/base.safetensors has sha256" in error
+    assert "that pretrain wrote (dvclive/pretrain/metrics.json): the frozen weights changed" in error
+    assert not (project / "models" / "adapter").exists()
+
+
+def test_the_integrity_check_compares_the_hashes_the_adapter_recorded(project):
+    run_all(until="finetune")
+    provenance = project / "models" / "adapter" / "adapter_provenance.json"
+    data = json.loads(provenance.read_text())
+    provenance.write_text(json.dumps({**data, "base_weights_sha256_before": "0" * 64}))
+    with pytest.raises(IntegrityError, match="integrity check failed: base weights sha256 before fine-tuning 0000000000000000"):
+        evaluate.run(load_params())
+
+
+@pytest.mark.parametrize("digit", [None, "five", 12, True])
+def test_an_adapter_provenance_without_a_valid_digit_stops_evaluate_in_one_line(project, capsys, digit):
+    run_all(until="finetune")
+    provenance = project / "models" / "adapter" / "adapter_provenance.json"
+    data = json.loads(provenance.read_text())
+    data.pop("digit") if digit is None else data.update(digit=digit)
+    provenance.write_text(json.dumps(data))
+    assert f"adapter_provenance.json: digit={digit!r} is invalid: a digit 0-9 is allowed" in one_line_error(evaluate.main, capsys)
+    assert not (project / "metrics" / "evaluate.json").exists()
+
+
+@pytest.mark.parametrize("content", [None, "{not json", '{"worst_digit": 3}', '{"target_digit": 11}'])
+def test_a_missing_or_damaged_analysis_stops_finetune_in_one_line(project, capsys, content):
+    run_all(until="analyze")
+    ANALYSIS.unlink() if content is None else ANALYSIS.write_text(content)
+    error = one_line_error(finetune.main, capsys)
+    assert "metrics/analyze.json:" in error and "dvc repro analyze" in error
+
+
+def test_non_finite_base_weights_are_refused_on_load_naming_the_tensor(project, capsys):
+    from lora_mnist.io import file_sha256
+    from tasks.paths import PRETRAIN_SUMMARY
+
+    run_all(until="pretrain")
+    tensors = load_file(BASE_WEIGHTS)
+    tensors["linear2.bias"][3] = float("nan")
+    save_file(tensors, BASE_WEIGHTS)  # as if pretrain itself had written them
+    summary = json.loads(PRETRAIN_SUMMARY.read_text())
+    PRETRAIN_SUMMARY.write_text(json.dumps({**summary, "weights_sha256": file_sha256(BASE_WEIGHTS)}))
+    assert one_line_error(analyze.main, capsys) == "error: models/base.safetensors: non-finite values in tensor linear2.bias"
+
+
+def test_an_adapter_too_large_for_the_base_is_refused_instead_of_scored(project, capsys):
+    run_all(until="finetune")
+    weights = project / "models" / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    for name in tensors:
+        tensors[name] = tensors[name].sign() * 1e30  # finite, but the logits overflow
+    save_file(tensors, weights)
+    error = one_line_error(evaluate.main, capsys)
+    assert "with the adapter on, the logits of" in error and "are not finite" in error
+
+
 def test_integrity_check_fails_evaluate_when_one_base_bit_changed(project):
     run_all(until="finetune")
     _flip_one_bit(BASE_WEIGHTS)
-    with pytest.raises(IntegrityError, match="integrity check failed: base weights sha256"):
+    with pytest.raises(IntegrityError, match="integrity check failed: models/base.safetensors has sha256"):
         evaluate.run(load_params())
     assert not (project / "metrics" / "evaluate.json").exists()
     result = subprocess.run(
