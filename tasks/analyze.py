@@ -1,17 +1,15 @@
 """Stage 3, analyze: the base model on the 10,000 test images; pick the digit it gets wrong most often."""
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from lora_mnist.backend import check_backend
-from lora_mnist.errors import DataError
 from lora_mnist.io import write_json
 from lora_mnist.metrics import per_digit, predict, summarize, worst_digit
 from lora_mnist.train import resolve_device
 
 from .cli import run_cli
-from .inputs import load_base_model, load_data
+from .inputs import load_base_model, load_data, recorded_value
 from .params import Params
 from .paths import ANALYSIS
 
@@ -42,16 +40,7 @@ def chosen_digit(params: Params, errors_per_digit: list[int]) -> int:
 
 def target_digit() -> int:
     """The digit chosen by the last analyze run, from metrics/analyze.json."""
-    rebuild = "run `dvc repro analyze` to rebuild it"
-    try:
-        digit = json.loads(ANALYSIS.read_text())["target_digit"]
-    except FileNotFoundError:
-        raise DataError(f"{ANALYSIS}: not found; {rebuild}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as exc:
-        raise DataError(f"{ANALYSIS}: not an analysis with a 'target_digit' ({type(exc).__name__}); {rebuild}") from None
-    if isinstance(digit, bool) or not isinstance(digit, int) or not 0 <= digit <= 9:
-        raise DataError(f"{ANALYSIS}: target_digit={digit!r} is invalid: a digit 0-9 is allowed; {rebuild}")
-    return digit
+    return recorded_value(ANALYSIS, "target_digit", lambda d: type(d) is int and 0 <= d <= 9, "a digit 0-9", "analyze")
 
 
 def main() -> None:

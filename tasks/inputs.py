@@ -3,7 +3,9 @@ against the sha256 that pretrain recorded of what it wrote."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,18 +27,23 @@ def load_data(stage: str, params: Params, split: str, training: bool) -> tuple[t
     return load_split(RAW_DIR, split)
 
 
-def recorded_base_sha256(summary: Path = PRETRAIN_SUMMARY) -> str:
-    """The sha256 of models/base.safetensors as pretrain wrote it."""
-    rebuild = "`dvc repro pretrain` rebuilds it"
+def recorded_value(path: Path, key: str, valid: Callable[[Any], bool], allowed: str, stage: str) -> Any:
+    """``key`` of the JSON object an earlier stage wrote to ``path``; missing, damaged or invalid is one line."""
+    rebuild = f"`dvc repro {stage}` rebuilds it"
     try:
-        recorded = json.loads(summary.read_text())["weights_sha256"]
+        value = json.loads(path.read_text())[key]
     except FileNotFoundError:
-        raise DataError(f"{summary}: not found; {rebuild}") from None
+        raise DataError(f"{path}: not found; {rebuild}") from None
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as exc:
-        raise DataError(f"{summary}: no 'weights_sha256' of the base weights ({type(exc).__name__}); {rebuild}") from None
-    if not isinstance(recorded, str):
-        raise DataError(f"{summary}: weights_sha256={recorded!r} is not a sha256; {rebuild}")
-    return recorded
+        raise DataError(f"{path}: not a JSON object with {key!r} ({type(exc).__name__}); {rebuild}") from None
+    if not valid(value):
+        raise DataError(f"{path}: {key}={value!r} is invalid: {allowed} is allowed; {rebuild}")
+    return value
+
+
+def recorded_base_sha256() -> str:
+    """The sha256 of models/base.safetensors as pretrain wrote it."""
+    return recorded_value(PRETRAIN_SUMMARY, "weights_sha256", lambda v: isinstance(v, str), "a sha256", "pretrain")
 
 
 def load_base_model(params: Params, device: torch.device) -> OversizedMLP:
