@@ -17,10 +17,11 @@ from typing import Any
 from lora import LoRAConfigError
 from lora.files import atomic_dir
 from lora_mnist.backend import check_backend
+from lora_mnist.errors import BackendError
 
 from .cli import run_cli
 from .finetune import lora_config
-from .params import SECTIONS, Params, to_mapping
+from .params import PARAMS_FILE, SECTIONS, Params, ParamsError, to_mapping
 from .paths import CHECKED_PARAMS
 
 SECTION_NAMES = {*SECTIONS, "lora"}
@@ -48,7 +49,10 @@ def checked_path(declared: str) -> Path:
 
 def run(params: Params) -> dict[str, Any]:
     lora_config(params)
-    check_backend(params.backend)
+    try:
+        check_backend(params.backend)
+    except BackendError as exc:
+        raise ParamsError(f"{PARAMS_FILE}: {exc}") from None
     checked = checked_files(to_mapping(params))
     with atomic_dir(CHECKED_PARAMS) as tmp:
         for name, value in checked.items():

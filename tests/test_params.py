@@ -119,7 +119,7 @@ def test_check_params_writes_each_checked_value_to_its_own_file(project):
 @pytest.mark.parametrize("key, value, message", [
     ("lora.rank", True, "lora.rank=True is invalid"),      # DVC's params comparison takes true for 1
     ("lora.dropout", False, "lora.dropout=False is invalid"),  # and false for 0
-    ("backend", "gpu", "backend='gpu' is invalid"),
+    ("backend", "gpu", "params.yaml: backend='gpu' is invalid: one of 'auto', 'torch' is allowed"),
 ])
 def test_check_params_refuses_what_dvc_would_take_for_unchanged_and_keeps_the_checked_files(project, capsys, key, value, message):
     from tasks import check_params
