@@ -147,7 +147,9 @@ def restore(files: dict[str, str]) -> None:
 
 
 def has_default_remote() -> bool:
-    return bool(dvc("remote", "default", check=False).stdout.strip())
+    """Whether DVC has a default remote: `dvc remote default` exits 1 (printing a message) when there is none."""
+    result = dvc("remote", "default", check=False)
+    return result.returncode == 0 and bool(result.stdout.strip())
 
 
 def _exchange_path(exchange_id: str, name: str) -> tuple[Any, str]:

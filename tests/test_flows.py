@@ -136,6 +136,16 @@ def test_sweep_queues_every_grid_point_in_dvcs_queue_runs_them_and_tables_their_
         sweep(grid={"lora.rank": [2, 1001]}, prefix="bad")
 
 
+def test_without_a_dvc_remote_the_pipeline_keeps_training_in_process(flow_repo):
+    from flows.dvc_stage import has_default_remote
+    from flows.pipeline import gpu_pool_available
+
+    assert not has_default_remote()  # `dvc remote default` prints "No default remote set" and exits 1
+    assert not gpu_pool_available()
+    sh(flow_repo, "dvc", "remote", "add", "-d", "--local", "shared", str(flow_repo.parent / "remote"))
+    assert has_default_remote()
+
+
 def test_a_failing_stage_fails_the_flow_with_the_stages_own_error(flow_repo):
     from tests.helpers import set_params
 
