@@ -142,7 +142,7 @@ def pipeline(
     training: str = "auto",
     experiment_name: str | None = None,
 ) -> dict[str, Any]:
-    """Run the five stages in DAG order.
+    """Run check_params and the five stages in DAG order.
 
     overrides: dotted params.yaml keys, as `dvc exp run -S` takes them ({"lora.rank": 4}). With any
         override the run is saved as a DVC experiment (`dvc exp show` lists it).
