@@ -15,10 +15,9 @@ from typing import Any
 
 import yaml
 
-from lora_mnist.backend import check_backend
 from lora_mnist.errors import EXPECTED_ERRORS
 from lora_mnist.io import write_text
-from tasks.finetune import lora_config
+from tasks.check_params import check
 from tasks.params import PARAMS_FILE, ParamsError, load_raw, set_dotted, with_overrides
 
 # Order of dvc.yaml's DAG; the flows run the stages in this order.
@@ -65,8 +64,7 @@ def reproduce(stage: str, log: Callable[[str], Any]) -> None:
 def validate_overrides(overrides: dict[str, Any]) -> None:
     """Refuse, before anything runs, an override of an unknown key or to a value params.yaml forbids."""
     params = with_overrides(load_raw(PARAMS_FILE), overrides)  # raises ParamsError naming the bad value
-    lora_config(params, f"{PARAMS_FILE} with overrides {overrides}")  # the `lora` section, checked by LoRAConfig
-    check_backend(params.backend)
+    check(params, f"{PARAMS_FILE} with overrides {overrides}")  # what check_params adds: lora, backend
 
 
 def apply_overrides(overrides: dict[str, Any]) -> None:

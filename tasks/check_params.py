@@ -47,12 +47,17 @@ def checked_path(declared: str) -> Path:
     return CHECKED_PARAMS.joinpath(*parts[:-1], f"{parts[-1]}.json")
 
 
-def run(params: Params) -> dict[str, Any]:
-    lora_config(params)
+def check(params: Params, source: str = str(PARAMS_FILE)) -> None:
+    """The checks that loading params.yaml leaves to the packages owning the values: `lora`, `backend`."""
+    lora_config(params, source)
     try:
         check_backend(params.backend)
     except BackendError as exc:
-        raise ParamsError(f"{PARAMS_FILE}: {exc}") from None
+        raise ParamsError(f"{source}: {exc}") from None
+
+
+def run(params: Params) -> dict[str, Any]:
+    check(params)
     checked = checked_files(to_mapping(params))
     with atomic_dir(CHECKED_PARAMS) as tmp:
         for name, value in checked.items():
