@@ -24,8 +24,15 @@ experiments: $(STAMP)
 
 # Tests: the whole suite (what CI runs), or the fast tier: library, params, data reader and stage units (no DVC,
 # no Prefect server, no real MNIST).
-test: $(STAMP)
+test: $(STAMP) /usr/sbin/sshd
 	PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 python -m pytest
+
+# The SSH-remote test starts Debian's sshd on 127.0.0.1 itself; installing the package must not start the service
+# (policy-rc.d 101 tells the package scripts not to).
+/usr/sbin/sshd:
+	$(if $(filter 0,$(shell id -u)),,sudo) sh -ec 'guard=; [ -e /usr/sbin/policy-rc.d ] || { guard=/usr/sbin/policy-rc.d; \
+	  printf "#!/bin/sh\nexit 101\n" > $$guard; chmod +x $$guard; }; trap "rm -f $$guard" EXIT; \
+	  apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null'
 
 test-fast: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 python -m pytest -m "not slow"

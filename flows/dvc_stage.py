@@ -1,10 +1,12 @@
-"""DVC as the flows see it: run one stage, ask whether it is up to date, apply `-S`-style overrides, save
-an experiment, and move a workspace between machines through a DVC remote."""
+"""DVC and git as the flows see them: run one stage, ask whether it is up to date, apply `-S`-style
+overrides, save an experiment, and give a run with overrides a workspace of its own."""
 from __future__ import annotations
 
 import fcntl
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -16,7 +18,6 @@ from typing import Any
 import yaml
 
 from lora_mnist.errors import EXPECTED_ERRORS
-from lora_mnist.io import write_text
 from tasks.check_params import check
 from tasks.params import PARAMS_FILE, ParamsError, load_raw, set_dotted, with_overrides
 
@@ -27,18 +28,27 @@ LOCK_FILE = Path(".dvc/tmp/lora-mnist-flow.lock")
 
 
 class StageFailed(RuntimeError):
-    """A DVC command failed; the message carries its first error line, the stage's own when it has one."""
+    """A DVC or git command failed; the message carries its first error line, the stage's own when it has one."""
 
 
-def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the dvc CLI of this environment in the current checkout."""
+def _command(program: list[str], args: tuple[str, ...], cwd: Path | None, check: bool) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True, env=env)
+    result = subprocess.run([*program, *args], capture_output=True, text=True, env=env, cwd=cwd)
     if check and result.returncode != 0:
         lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
-        errors = [line for line in lines if line.startswith("error:") or line.startswith("ERROR:")]
-        raise StageFailed(f"dvc {' '.join(args)} failed: {(errors or lines or ['no output'])[0].strip()}")
+        errors = [line for line in lines if line.lower().startswith(("error:", "fatal:"))]
+        name = Path(program[-1]).name
+        raise StageFailed(f"{name} {' '.join(args)} failed: {(errors or lines or ['no output'])[0].strip()}")
     return result
+
+
+def dvc(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the dvc CLI of this environment in ``cwd`` (the current checkout by default)."""
+    return _command([sys.executable, "-m", "dvc"], args, cwd, check)
+
+
+def git(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    return _command(["git"], args, cwd, check)
 
 
 @contextmanager
@@ -51,28 +61,28 @@ def one_line_errors() -> Iterator[None]:
         sys.exit(2)
 
 
-def is_up_to_date(stage: str) -> bool:
-    return json.loads(dvc("status", "--json", stage).stdout or "{}") == {}
+def is_up_to_date(stage: str, cwd: Path | None = None) -> bool:
+    return json.loads(dvc("status", "--json", stage, cwd=cwd).stdout or "{}") == {}
 
 
-def reproduce(stage: str, log: Callable[[str], Any]) -> None:
+def reproduce(stage: str, log: Callable[[str], Any], cwd: Path | None = None) -> None:
     """`dvc repro --single-item <stage>`: runs the stage, records it in dvc.lock, logs its output line by line."""
-    for line in dvc("repro", "--single-item", stage).stdout.splitlines():
+    for line in dvc("repro", "--single-item", stage, cwd=cwd).stdout.splitlines():
         log(line)
 
 
-def validate_overrides(overrides: dict[str, Any]) -> None:
+def validate_overrides(overrides: dict[str, Any], params_file: Path = PARAMS_FILE) -> None:
     """Refuse, before anything runs, an override of an unknown key or to a value params.yaml forbids."""
-    params = with_overrides(load_raw(PARAMS_FILE), overrides)  # raises ParamsError naming the bad value
+    params = with_overrides(load_raw(params_file), overrides)  # raises ParamsError naming the bad value
     check(params, f"{PARAMS_FILE} with overrides {overrides}")  # what check_params adds: lora, backend
 
 
-def apply_overrides(overrides: dict[str, Any]) -> None:
-    """Set dotted keys in params.yaml like `dvc exp run -S key=value`, after validating them."""
+def apply_overrides(overrides: dict[str, Any], params_file: Path = PARAMS_FILE) -> None:
+    """Set dotted keys in ``params_file`` like `dvc exp run -S key=value`, after validating them."""
     from dvc.utils.serialize import modify_yaml  # keeps params.yaml's comments and order
 
-    validate_overrides(overrides)
-    with modify_yaml(PARAMS_FILE) as data:
+    validate_overrides(overrides, params_file)
+    with modify_yaml(params_file) as data:
         for dotted, value in overrides.items():
             set_dotted(data, dotted, value)
 
@@ -85,17 +95,57 @@ def set_param_args(overrides: dict[str, Any]) -> list[str]:
     return args
 
 
-def save_experiment(name: str) -> str:
+def save_experiment(name: str, cwd: Path | None = None) -> str:
     """Record the workspace (params, dvc.lock, metrics) as a DVC experiment, like `dvc exp run` does."""
-    dvc("exp", "save", "--force", "--name", name, "dvc.yaml")  # the main pipeline; experiments/ has its own outputs
+    dvc("exp", "save", "--force", "--name", name, "dvc.yaml", cwd=cwd)  # the main pipeline; experiments/ has its own
+    return name
+
+
+WORKSPACES = Path(".dvc/tmp/flow-workspaces")
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def validate_experiment_name(name: Any) -> str:
+    """A name DVC takes for an experiment and that is one directory under WORKSPACES."""
+    if not isinstance(name, str) or not EXPERIMENT_NAME.fullmatch(name) or name.endswith((".lock", ".")) or ".." in name:
+        raise ValueError(f"experiment name {name!r} is invalid: letters, digits, '_', '.' and '-', starting with a "
+                         "letter or digit, are allowed")
     return name
 
 
 @contextmanager
-def checkout_lock(timeout_s: float = 3600.0, poll_s: float = 1.0) -> Iterator[None]:
+def experiment_workspace(name: str) -> Iterator[Path]:
+    """A workspace of the run's own, as `dvc exp run --temp` makes one, so concurrent runs never share a
+    params.yaml: a git worktree of HEAD with this checkout's uncommitted changes to tracked files, on its DVC
+    cache and config, with the outputs dvc.lock names checked out from the cache. Removed afterwards; the
+    experiment saved in it stays (`dvc exp show`, `dvc exp apply`)."""
+    root = Path.cwd().resolve()
+    path = root / WORKSPACES / name
+    if path.exists():
+        raise ValueError(f"experiment name {name!r} is in use by a running flow ({path}); choose another")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    git("worktree", "add", "--detach", "-q", str(path), "HEAD")
+    try:
+        if changes := git("stash", "create").stdout.strip():  # a commit of the uncommitted changes; the checkout is untouched
+            git("checkout", changes, "--", ".", cwd=path)
+            git("reset", "-q", cwd=path)
+        if (root / ".dvc" / "config.local").is_file():
+            shutil.copy2(root / ".dvc" / "config.local", path / ".dvc" / "config.local")  # remotes of this checkout
+        dvc("cache", "dir", "--local", dvc("cache", "dir").stdout.strip(), cwd=path)
+        dvc("checkout", "--allow-missing", cwd=path, check=False)  # what the cache lacks, the stages rebuild
+        yield path
+    finally:
+        git("worktree", "remove", "--force", str(path), check=False)
+        shutil.rmtree(path, ignore_errors=True)
+        git("worktree", "prune", check=False)
+
+
+@contextmanager
+def checkout_lock(timeout_s: float = 3600.0, poll_s: float = 1.0, root: Path | None = None) -> Iterator[None]:
     """One pipeline run per checkout at a time: a second one waits here instead of corrupting the first."""
-    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
-    with open(LOCK_FILE, "w") as handle:
+    lock_file = (root or Path.cwd()) / LOCK_FILE
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "w") as handle:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -103,7 +153,7 @@ def checkout_lock(timeout_s: float = 3600.0, poll_s: float = 1.0) -> Iterator[No
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"another pipeline run held {LOCK_FILE} for over {timeout_s:.0f} s") from None
+                    raise TimeoutError(f"another pipeline run held {lock_file} for over {timeout_s:.0f} s") from None
                 time.sleep(poll_s)
         try:
             yield
@@ -111,60 +161,7 @@ def checkout_lock(timeout_s: float = 3600.0, poll_s: float = 1.0) -> Iterator[No
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-# --- moving a workspace between checkouts (training on another machine) --------------------------------
-
-def git_tracked_outputs() -> list[str]:
-    """Paths that DVC does not cache (metrics, plots, dvclive curves): they travel as text, not via the remote."""
-    stages = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
-    paths = []
-    for stage in stages.values():
-        for kind in ("outs", "metrics", "plots"):
-            for entry in stage.get(kind, []):
-                if isinstance(entry, dict):
-                    (path, options), = entry.items()
-                    if options and options.get("cache") is False:
-                        paths.append(path)
-    return paths
-
-
-def snapshot() -> dict[str, str]:
-    """params.yaml, dvc.lock and every git-tracked output, as {path: text} (directories expanded)."""
-    files: dict[str, str] = {}
-    for name in ["params.yaml", "dvc.lock", *git_tracked_outputs()]:
-        path = Path(name)
-        candidates = [p for p in sorted(path.rglob("*")) if p.is_file()] if path.is_dir() else [path]
-        for candidate in candidates:
-            if candidate.is_file() and candidate.suffix != ".png":
-                files[str(candidate)] = candidate.read_text()
-    return files
-
-
-def restore(files: dict[str, str]) -> None:
-    for name, text in files.items():
-        write_text(name, text)
-
-
-def has_default_remote() -> bool:
+def has_default_remote(cwd: Path | None = None) -> bool:
     """Whether DVC has a default remote: `dvc remote default` exits 1 (printing a message) when there is none."""
-    result = dvc("remote", "default", check=False)
+    result = dvc("remote", "default", cwd=cwd, check=False)
     return result.returncode == 0 and bool(result.stdout.strip())
-
-
-def _exchange_path(exchange_id: str, name: str) -> tuple[Any, str]:
-    from dvc.repo import Repo
-
-    with Repo(".") as repo:
-        remote = repo.cloud.get_remote()
-    return remote.fs, remote.fs.join(remote.path, "lora-mnist-exchange", exchange_id, name)
-
-
-def send(exchange_id: str, name: str, files: dict[str, str]) -> None:
-    """Put a workspace snapshot beside the DVC remote's objects, where the other checkout can read it."""
-    fs, path = _exchange_path(exchange_id, name)
-    fs.makedirs(fs.parent(path), exist_ok=True)
-    fs.pipe(path, json.dumps(files).encode())
-
-
-def receive(exchange_id: str, name: str) -> dict[str, str]:
-    fs, path = _exchange_path(exchange_id, name)
-    return json.loads(fs.cat(path))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -31,14 +32,15 @@ def experiments(groups: list[str] = list(GROUPS)) -> dict[str, Any]:
     unknown = [group for group in groups if group not in GROUPS]
     if unknown:
         raise ValueError(f"groups={unknown} are invalid: {list(GROUPS)} are allowed")
+    root = Path.cwd().resolve()
     with checkout_lock():
         stages = ["check_params", "download", "pretrain", *(f"{EXPERIMENTS_FILE}:{group}" for group in groups),
                   f"{EXPERIMENTS_FILE}:report"]
-        runs = [dvc_stage(stage, return_state=True).result() for stage in stages]
+        runs = [dvc_stage(stage, root, return_state=True).result() for stage in stages]
         create_markdown_artifact(
-            key="lora-experiments-report", markdown=REPORT.read_text(), description=f"{REPORT}, built from experiments/results/"
+            key="lora-experiments-report", markdown=(root / REPORT).read_text(), description=f"{REPORT}, built from experiments/results/"
         )
-    return {"stages": runs, "summary": json.loads(SUMMARY.read_text())}
+    return {"stages": runs, "summary": json.loads((root / SUMMARY).read_text())}
 
 
 def main() -> None:

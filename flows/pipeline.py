@@ -2,10 +2,10 @@
 its DVC stage, so outputs are versioned exactly as by `dvc repro`.
 
     python -m flows.pipeline                       # temporary local Prefect server, all stages in-process
-    python -m flows.pipeline -S lora.rank=4        # override params like `dvc exp run -S`, saved as an experiment
+    python -m flows.pipeline -S lora.rank=4        # in a workspace of its own, saved as a DVC experiment
 
 With a Prefect server configured, the `lora-mnist-train/gpu` deployment and a DVC remote, the training
-stages run on the `gpu` work pool's workers instead (`training="auto"`).
+stages run on the `gpu` work pool's workers instead (`training="auto"`), handed over as flows/handoff.py says.
 """
 from __future__ import annotations
 
@@ -26,66 +26,69 @@ from flows.dvc_stage import (
     apply_overrides,
     checkout_lock,
     dvc,
+    experiment_workspace,
+    git,
     has_default_remote,
     is_up_to_date,
     one_line_errors,
-    receive,
     reproduce,
-    restore,
     save_experiment,
-    send,
-    snapshot,
+    validate_experiment_name,
+    validate_overrides,
 )
-from tasks.params import parse_overrides
+from flows.handoff import accept_lock_entry, upstream_entries
+from tasks.params import PARAMS_FILE, load_params, parse_overrides, to_mapping
 from tasks.paths import ADAPTER_DIR, BASE_WEIGHTS, EVALUATE_METRICS, FINETUNE_METRICS
 
 TRAIN_DEPLOYMENT = "lora-mnist-train/gpu"
 
 
-def skipped_if_up_to_date(stage: str) -> State | None:
+def skipped_if_up_to_date(stage: str, root: Path) -> State | None:
     """A `Skipped` state (of type Completed) when DVC finds ``stage`` up to date, else None."""
-    if not is_up_to_date(stage):
+    if not is_up_to_date(stage, root):
         return None
     get_run_logger().info(f"{stage}: up to date in dvc.lock, skipped")
     return Completed(name="Skipped", message=f"dvc: {stage} is up to date", data={"stage": stage, "ran": "skipped"})
 
 
 @task(task_run_name="{stage}")
-def dvc_stage(stage: str) -> Any:
-    """Run one DVC stage here; a stage DVC finds up to date is reported as Skipped and not re-run."""
-    if skipped := skipped_if_up_to_date(stage):
+def dvc_stage(stage: str, root: Path) -> Any:
+    """Run one DVC stage in ``root``; a stage DVC finds up to date is reported as Skipped and not re-run."""
+    if skipped := skipped_if_up_to_date(stage, root):
         return skipped
-    reproduce(stage, get_run_logger().info)
+    reproduce(stage, get_run_logger().info, root)
     return {"stage": stage, "ran": "here"}
 
 
 @task(task_run_name="{stage} on the gpu pool")
-def gpu_pool_stage(stage: str) -> Any:
-    """Hand one training stage to the `gpu` work pool; inputs and outputs travel through the DVC remote."""
+def gpu_pool_stage(stage: str, root: Path) -> Any:
+    """Hand one training stage to the `gpu` work pool: this commit, these params and the inputs' dvc.lock entries
+    go as flow parameters, the inputs through `dvc push`; the stage's dvc.lock entry comes back as the flow
+    run's result, and its outputs through `dvc pull`."""
     from prefect.deployments import run_deployment
 
-    if skipped := skipped_if_up_to_date(stage):
+    if skipped := skipped_if_up_to_date(stage, root):
         return skipped
-    exchange_id = uuid.uuid4().hex
-    dvc("push")
-    send(exchange_id, "request.json", snapshot())
-    run = run_deployment(TRAIN_DEPLOYMENT, parameters={"stage": stage, "exchange_id": exchange_id})
+    upstream = upstream_entries(stage, root)
+    dvc("push", *(name for name in upstream if name != "check_params"), cwd=root)
+    request = {"stage": stage, "commit": git("rev-parse", "HEAD", cwd=root).stdout.strip(),
+               "params": to_mapping(load_params(root / PARAMS_FILE)), "upstream": upstream}
+    run = run_deployment(TRAIN_DEPLOYMENT, parameters=request)
     if not run.state.is_completed():
         raise StageFailed(f"{stage} on the gpu pool ended {run.state.name}: {run.state.message}")
-    restore(receive(exchange_id, "result.json"))
-    dvc("pull", stage)
-    if not is_up_to_date(stage):
+    accept_lock_entry(stage, run.state.result(), root)
+    if not is_up_to_date(stage, root):
         raise StageFailed(f"{stage} came back from the gpu pool but DVC does not find it up to date here")
     return {"stage": stage, "ran": f"gpu pool (flow run {run.name})"}
 
 
-def gpu_pool_available() -> bool:
+def gpu_pool_available(root: Path) -> bool:
     """A real server is configured, it knows the training deployment, and a DVC remote can carry files."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import get_current_settings
 
-    if not get_current_settings().api.url or not has_default_remote():
+    if not get_current_settings().api.url or not has_default_remote(root):
         return False
     with get_client(sync_client=True) as client:
         try:
@@ -95,9 +98,9 @@ def gpu_pool_available() -> bool:
     return True
 
 
-def publish_artifacts(stage_runs: list[dict[str, str]]) -> None:
-    evaluation = json.loads(EVALUATE_METRICS.read_text())
-    finetune = json.loads(FINETUNE_METRICS.read_text())
+def publish_artifacts(stage_runs: list[dict[str, str]], root: Path) -> None:
+    evaluation = json.loads((root / EVALUATE_METRICS).read_text())
+    finetune = json.loads((root / FINETUNE_METRICS).read_text())
     digit = evaluation["digit"]
     create_table_artifact(
         key="per-digit-errors",
@@ -127,8 +130,8 @@ def publish_artifacts(stage_runs: list[dict[str, str]]) -> None:
             f"- trainable parameters: {finetune['trainable_parameters']:,} "
             f"({finetune['trainable_percent']}% of {finetune['base_parameters']:,})",
             "## Outputs (versioned by DVC, see dvc.lock)",
-            f"- base weights: `{Path(BASE_WEIGHTS).resolve()}`",
-            f"- adapter: `{Path(ADAPTER_DIR).resolve()}`",
+            f"- base weights: `{root / BASE_WEIGHTS}`",
+            f"- adapter: `{root / ADAPTER_DIR}`",
             "## Stages",
             *[f"- {run['stage']}: {run['ran']}" for run in stage_runs],
         ]),
@@ -144,33 +147,40 @@ def pipeline(
 ) -> dict[str, Any]:
     """Run check_params and the five stages in DAG order.
 
-    overrides: dotted params.yaml keys, as `dvc exp run -S` takes them ({"lora.rank": 4}). With any
-        override the run is saved as a DVC experiment (`dvc exp show` lists it).
+    overrides: dotted params.yaml keys, as `dvc exp run -S` takes them ({"lora.rank": 4}). A run with overrides
+        has a workspace of its own (this checkout's params.yaml stays as it is) and is saved as a DVC experiment
+        (`dvc exp show` lists it, `dvc exp apply` brings it here).
     training: "auto" (gpu pool when available), "local" or "gpu-pool".
     """
     if training not in ("auto", "local", "gpu-pool"):
         raise ValueError(f"training={training!r} is invalid: 'auto', 'local' or 'gpu-pool' is allowed")
-    overrides = overrides or {}
-    logger = get_run_logger()
-    with checkout_lock():
-        if overrides:
-            apply_overrides(overrides)
-        on_gpu_pool = training == "gpu-pool" or (training == "auto" and gpu_pool_available())
-        logger.info(f"training stages run {'on the gpu work pool' if on_gpu_pool else 'in this process'}")
-        stage_runs = []
-        for stage in STAGES:
-            if stage in TRAINING_STAGES and on_gpu_pool:
-                runner = gpu_pool_stage
-            elif stage == "download":
-                runner = dvc_stage.with_options(retries=2, retry_delay_seconds=5)  # network sources can hiccup
-            else:
-                runner = dvc_stage
-            # return_state: a "Skipped" state carries its result as data; .result() raises a stage's failure.
-            stage_runs.append(runner(stage, return_state=True).result())
-        publish_artifacts(stage_runs)
-        experiment = save_experiment(experiment_name or f"prefect-{uuid.uuid4().hex[:8]}") if overrides else None
-    evaluation = json.loads(EVALUATE_METRICS.read_text())
-    return {"stages": stage_runs, "experiment": experiment, "metrics": evaluation}
+    if not overrides:
+        with checkout_lock():
+            return run_stages(Path.cwd().resolve(), training)
+    validate_overrides(overrides)  # refused before a workspace exists
+    name = validate_experiment_name(experiment_name or f"prefect-{uuid.uuid4().hex[:8]}")
+    with experiment_workspace(name) as root:
+        apply_overrides(overrides, root / PARAMS_FILE)
+        result = run_stages(root, training)
+        return {**result, "experiment": save_experiment(name, root)}
+
+
+def run_stages(root: Path, training: str) -> dict[str, Any]:
+    """The stages in ``root``, in DAG order, then the artifacts; returns what ran and the evaluation."""
+    on_gpu_pool = training == "gpu-pool" or (training == "auto" and gpu_pool_available(root))
+    get_run_logger().info(f"training stages run {'on the gpu work pool' if on_gpu_pool else 'in this process'}")
+    stage_runs = []
+    for stage in STAGES:
+        if stage in TRAINING_STAGES and on_gpu_pool:
+            runner = gpu_pool_stage
+        elif stage == "download":
+            runner = dvc_stage.with_options(retries=2, retry_delay_seconds=5)  # network sources can hiccup
+        else:
+            runner = dvc_stage
+        # return_state: a "Skipped" state carries its result as data; .result() raises a stage's failure.
+        stage_runs.append(runner(stage, root, return_state=True).result())
+    publish_artifacts(stage_runs, root)
+    return {"stages": stage_runs, "experiment": None, "metrics": json.loads((root / EVALUATE_METRICS).read_text())}
 
 
 def main() -> None:

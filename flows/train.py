@@ -1,28 +1,55 @@
-"""The training flow that the `gpu` work pool runs: one stage, in this worker's own checkout.
+"""The training flow that the `gpu` work pool runs: one stage of the pipeline's commit, in the worker's clone.
 
-Inputs arrive through the DVC remote (cached files with `dvc pull`, params.yaml, dvc.lock and the small
-git-tracked outputs as a snapshot beside them); outputs leave the same way.
+The deployment's pull steps clone the shared git remote (prefect.yaml); the flow checks out the pipeline's
+commit, writes the validated params, takes the dvc.lock entries of the stages before this one, gets its inputs
+with `dvc pull`, runs the stage, pushes its outputs with `dvc push` and returns the stage's dvc.lock entry.
 """
 from __future__ import annotations
 
-import os
-import socket
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.dvc_stage import TRAINING_STAGES, checkout_lock, dvc, receive, reproduce, restore, send, snapshot
+from flows.dvc_stage import TRAINING_STAGES, checkout_lock, dvc, git, reproduce
+from flows.handoff import check_commit, check_upstream, lock_entry, write_lock_entries
+from tasks.check_params import check
+from tasks.params import PARAMS_FILE, from_mapping
 
 
-@flow(name="lora-mnist-train", log_prints=True)
-def train_stage(stage: str, exchange_id: str) -> dict[str, Any]:
+@flow(name="lora-mnist-train", log_prints=True, persist_result=True)
+def train_stage(stage: str, commit: str, params: dict[str, Any], upstream: dict[str, Any]) -> dict[str, Any]:
+    """Run ``stage`` at ``commit`` with ``params`` (the whole params.yaml), its inputs pulled as ``upstream``
+    (dvc.lock entries) names them; returns the stage's dvc.lock entry."""
     if stage not in TRAINING_STAGES:
         raise ValueError(f"stage={stage!r} is invalid: one of {list(TRAINING_STAGES)} is allowed")
+    check_commit(commit)
+    check(from_mapping(params, "the request's params"), "the request's params")
+    root = Path.cwd()
+    check_upstream(stage, upstream, root)
     logger = get_run_logger()
-    with checkout_lock():
-        restore(receive(exchange_id, "request.json"))
-        dvc("pull", "--allow-missing")
+    with checkout_lock(root=root):
+        if git("cat-file", "-e", f"{commit}^{{commit}}", check=False).returncode != 0:
+            git("fetch", "-q", "origin")
+        git("checkout", "-q", "--force", "--detach", commit)
+        check_upstream(stage, upstream, root)  # against the dvc.yaml of the commit it will run
+        write_params(params, root / PARAMS_FILE)
+        write_lock_entries(upstream, root)
+        inputs = [name for name in upstream if name != "check_params"]  # check_params' outputs are rebuilt here
+        if inputs:
+            dvc("pull", "--force", *inputs)
+        reproduce("check_params", logger.info)
         reproduce(stage, logger.info)
-        dvc("push")
-        send(exchange_id, "result.json", snapshot())
-    return {"stage": stage, "host": socket.gethostname(), "checkout": os.getcwd()}
+        dvc("push", stage)
+        return lock_entry(stage, root)
+
+
+def write_params(params: dict[str, Any], path: Path) -> None:
+    """params.yaml with every top-level value replaced by the request's (comments of the file kept)."""
+    from dvc.utils.serialize import modify_yaml
+
+    with modify_yaml(path) as data:
+        for key in list(data):
+            if key not in params:
+                del data[key]
+        data.update(params)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import SHORT_SCHEDULE, copy_working_tree, init_repo, set_params, small_params, write_synthetic_mnist
+from tests.helpers import SHORT_SCHEDULE, copy_working_tree, init_repo, set_params, small_params, start_sshd, write_synthetic_mnist
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
@@ -40,3 +40,16 @@ def git_repo(repo_copy: Path, dvc_cache: Path) -> Path:
     DVC cache."""
     set_params(repo_copy / "params.yaml", **SHORT_SCHEDULE)
     return init_repo(repo_copy, dvc_cache=dvc_cache)
+
+
+@pytest.fixture
+def ssh_server(tmp_path: Path):
+    """A real sshd on 127.0.0.1 for this test: yields the environment that logs in to it; stopped afterwards."""
+    import signal
+
+    server, env = start_sshd(tmp_path / "sshd")
+    try:
+        yield env
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=20)

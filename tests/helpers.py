@@ -221,3 +221,53 @@ def project_modules() -> dict[str, Path]:
             parts = path.relative_to(ROOT).with_suffix("").parts
             modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return modules
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_sshd(directory: Path) -> tuple[subprocess.Popen, dict[str, str]]:
+    """Debian's sshd on a free 127.0.0.1 port, with keys generated in ``directory``; returns the process and the
+    environment under which ssh clients (git, DVC's asyncssh) log in to it: a HOME whose ~/.ssh holds the key and
+    the server's host key, as on a user's machine."""
+    import getpass
+
+    home = directory / "home"
+    (home / ".ssh").mkdir(parents=True)
+    for key in (directory / "host_ed25519", home / ".ssh" / "id_ed25519"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    shutil.copy(home / ".ssh" / "id_ed25519.pub", directory / "authorized_keys")
+    port = free_port()
+    host_key = (directory / "host_ed25519.pub").read_text().split()
+    (home / ".ssh" / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
+    (directory / "sshd_config").write_text("\n".join([
+        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {directory / 'host_ed25519'}",
+        f"AuthorizedKeysFile {directory / 'authorized_keys'}", f"PidFile {directory / 'sshd.pid'}",
+        "StrictModes no", "UsePAM no", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+        "PermitRootLogin prohibit-password", "Subsystem sftp internal-sftp", "",
+    ]))
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory, absent until it first runs
+    server = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(directory / "sshd_config")],
+                              stdout=open(directory / "sshd.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    import time
+
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            import socket
+
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert server.poll() is None, (directory / "sshd.log").read_text()
+            assert time.monotonic() < deadline, "sshd did not listen within 20 s"
+            time.sleep(0.2)
+    env = {"HOME": str(home), "SSH_USER": getpass.getuser(), "SSH_PORT": str(port),
+           "LORA_KERNEL_CACHE": os.environ.get("LORA_KERNEL_CACHE") or str(Path.home() / ".cache" / "lora-mnist")}
+    return server, env

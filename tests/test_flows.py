@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from prefect.artifacts import Artifact
 from prefect.testing.utilities import prefect_test_harness
 
@@ -59,15 +57,18 @@ def test_pipeline_flow_runs_stages_through_dvc_publishes_artifacts_and_records_o
 
     sh(flow_repo, "git", "add", "-A")
     sh(flow_repo, "git", "commit", "-qm", "baseline")
+    params_before = (flow_repo / "params.yaml").read_bytes()
     third = pipeline(overrides={"lora.rank": 2}, training="local", experiment_name="flow-rank2")
     assert ran(third) == {"check_params": "here", "download": "skipped", "pretrain": "skipped", "analyze": "skipped",
                           "finetune": "here", "evaluate": "here"}
-    params_text = (flow_repo / "params.yaml").read_text()
-    assert yaml.safe_load(params_text)["lora"]["rank"] == 2
-    assert "# Every key is validated" in params_text, "overrides must keep params.yaml's comments"
-    assert third["experiment"] == "flow-rank2" and "flow-rank2" in sh(flow_repo, "dvc", "exp", "show", "--csv")
+    assert (flow_repo / "params.yaml").read_bytes() == params_before  # the run had a workspace of its own
+    assert not list((flow_repo / ".dvc" / "tmp" / "flow-workspaces").iterdir())
+    assert third["experiment"] == "flow-rank2" and third["metrics"]["digit_errors"]
+    params = json.loads(sh(flow_repo, "dvc", "params", "diff", "HEAD", "flow-rank2", "--json"))
+    assert params == {"params.yaml": {"lora.rank": {"old": 1, "new": 2}}}
     diff = json.loads(sh(flow_repo, "dvc", "metrics", "diff", "HEAD", "flow-rank2", "--json"))
     assert diff["metrics/finetune.json"]["trainable_parameters"]["new"] == 2 * 6794
+    assert "Data and pipelines are up to date" in sh(flow_repo, "dvc", "status", "dvc.yaml")
 
 
 def test_a_bad_override_fails_before_any_stage_and_leaves_params_untouched(flow_repo):
@@ -93,29 +94,29 @@ def test_the_flow_command_reports_a_bad_override_in_one_line_and_exits_non_zero(
     assert not (flow_repo / "models").exists()
 
 
-def test_two_flows_started_at_once_in_one_checkout_run_one_after_the_other(flow_repo):
+def test_two_flows_started_together_with_different_overrides_each_record_only_their_own_params(flow_repo):
     from prefect.settings import get_current_settings
 
     pipeline(training="local")
     sh(flow_repo, "git", "add", "-A")
     sh(flow_repo, "git", "commit", "-qm", "baseline")
+    params_before = (flow_repo / "params.yaml").read_bytes()
     env = dict(run_env(), PREFECT_API_URL=get_current_settings().api.url)
+    runs = {"eA": ["-S", "finetune.steps=30"], "eB": ["-S", "lora.alpha=2"]}
     processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "flows.pipeline", "--training", "local", "-S", f"lora.rank={rank}", "--name", f"r{rank}"],
-            cwd=flow_repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for rank in (2, 3)
+        subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--training", "local", *args, "--name", name],
+                         cwd=flow_repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name, args in runs.items()
     ]
     outputs = [p.communicate(timeout=600)[0] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], outputs
+    assert (flow_repo / "params.yaml").read_bytes() == params_before
     assert "Data and pipelines are up to date" in sh(flow_repo, "dvc", "status", "dvc.yaml")
-    rank = yaml.safe_load((flow_repo / "params.yaml").read_text())["lora"]["rank"]
-    finetune = json.loads((flow_repo / "metrics" / "finetune.json").read_text())
-    assert rank in (2, 3) and finetune["trainable_parameters"] == rank * 6794
-    experiments = sh(flow_repo, "dvc", "exp", "show", "--csv")
-    assert "r2" in experiments and "r3" in experiments
-    assert os.path.exists(flow_repo / ".dvc" / "tmp" / "lora-mnist-flow.lock")
+    for name, expected in (("eA", {"finetune.steps": {"old": 40, "new": 30}}), ("eB", {"lora.alpha": {"old": 1, "new": 2}})):
+        diff = json.loads(sh(flow_repo, "dvc", "params", "diff", "HEAD", name, "--json"))
+        assert diff == {"params.yaml": expected}, name
+    after = pipeline(training="local")  # no overrides: this checkout's params, nothing left to run
+    assert set(ran(after).values()) == {"skipped"}
 
 
 def test_sweep_queues_every_grid_point_in_dvcs_queue_runs_them_and_tables_their_results(flow_repo):

@@ -1,11 +1,12 @@
-"""A real Prefect server on 127.0.0.1 with a `cpu` and a `gpu` process worker in separate checkouts that
-share only a DVC remote: the deployed pipeline sends its training stages to the gpu pool's worker."""
+"""A real Prefect server on 127.0.0.1 with a `cpu` worker in a checkout and a `gpu` worker that clones a shared
+git remote per run: without a DVC remote the deployed pipeline trains in process; with one (SSH, a real sshd on
+127.0.0.1), it sends its training stages to the gpu pool, and only git, the DVC remote and a dvc.lock entry
+carry them."""
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,16 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_env, sh, use_dvc_cache
+from tests.helpers import free_port, run_env, sh, use_dvc_cache
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -46,7 +41,7 @@ def _stop(process: subprocess.Popen) -> None:
 @pytest.fixture
 def prefect_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     """`prefect server start` on a free loopback port, SQLite in a temp dir; stopped after the test."""
-    port = _free_port()
+    port = free_port()
     env = dict(
         run_env(),
         PREFECT_HOME=str(tmp_path / "prefect-home"),
@@ -73,57 +68,85 @@ def prefect_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         _stop(server)
 
 
-def _checkout(origin: Path, dest: Path, remote: Path, env: dict[str, str]) -> Path:
-    sh(origin.parent, "git", "clone", "-q", str(origin), str(dest), env=env)
-    sh(dest, "dvc", "remote", "add", "--local", "-d", "shared", str(remote), env=env)
-    return dest
-
-
-def test_deployed_pipeline_trains_on_the_gpu_pool_worker_and_matches_a_local_run(git_repo, prefect_env, tmp_path, dvc_cache):
-    env = prefect_env
-    remote = tmp_path / "dvc-remote"
-    cpu_checkout = _checkout(git_repo, tmp_path / "cpu-machine", remote, env)
-    gpu_checkout = _checkout(git_repo, tmp_path / "gpu-machine", remote, env)
+def test_deployed_pipeline_trains_in_process_without_a_remote_then_on_the_gpu_pool_through_git_and_an_ssh_remote(
+        git_repo, prefect_env, ssh_server, tmp_path, dvc_cache):
+    shared_git = tmp_path / "shared.git"
+    remote = f"ssh://{ssh_server['SSH_USER']}@127.0.0.1:{ssh_server['SSH_PORT']}{tmp_path / 'dvc-remote'}"
+    sh(tmp_path, "git", "clone", "-q", "--bare", str(git_repo), str(shared_git))
+    env = dict(prefect_env, HOME=ssh_server["HOME"], LORA_KERNEL_CACHE=ssh_server["LORA_KERNEL_CACHE"],
+               LORA_MNIST_GIT_REMOTE=str(shared_git))
+    cpu_checkout, gpu_machine = tmp_path / "cpu-machine", tmp_path / "gpu-machine"
+    sh(tmp_path, "git", "clone", "-q", str(shared_git), str(cpu_checkout), env=env)
+    use_dvc_cache(cpu_checkout, dvc_cache)  # stages that other tests ran with these params come from the run cache
+    gpu_machine.mkdir()
     prefect = str(BIN / "prefect")
     for pool in ("cpu", "gpu"):
         sh(cpu_checkout, prefect, "work-pool", "create", pool, "--type", "process", env=env)
     sh(cpu_checkout, prefect, "--no-prompt", "deploy", "--all", env=env)
+    assert json.loads(sh(cpu_checkout, sys.executable, "-c", _DEPLOYMENT_SCRIPT, env=env)) == {
+        "concurrency_limit": 1, "steps": ["git_clone", "set_working_directory", "use_worker_dvc_config"]}
 
+    gpu_env = dict(env, LORA_MNIST_DVC_REMOTE=remote, LORA_MNIST_DVC_CACHE=str(tmp_path / "gpu-cache"))
     workers = [
-        _start([prefect, "worker", "start", "--pool", pool, "--type", "process"], checkout,
-               dict(env, LORA_MNIST_CHECKOUT=str(checkout)), tmp_path / f"worker-{pool}.log")
-        for pool, checkout in (("cpu", cpu_checkout), ("gpu", gpu_checkout))
+        _start([prefect, "worker", "start", "--pool", "cpu", "--type", "process"], cpu_checkout,
+               dict(env, LORA_MNIST_CHECKOUT=str(cpu_checkout)), tmp_path / "worker-cpu.log"),
+        _start([prefect, "worker", "start", "--pool", "gpu", "--type", "process", "--limit", "1"], gpu_machine,
+               gpu_env, tmp_path / "worker-gpu.log"),
     ]
     try:
+        # No DVC remote: the training stages stay in the cpu worker's process.
         output = sh(cpu_checkout, prefect, "deployment", "run", "lora-mnist-pipeline/scheduled",
                     "--watch", "--watch-timeout", "900", env=env, timeout=1000)
         logs = {pool: (tmp_path / f"worker-{pool}.log").read_text() for pool in ("cpu", "gpu")}
         assert "Flow run finished successfully in 'Completed'" in output, output + logs["cpu"][-4000:]
+        assert "training stages run in this process" in logs["cpu"] and "Running stage" not in logs["gpu"]
+
+        # With a remote, a run with overrides trains on the gpu pool, in a clone of the shared git remote.
+        sh(cpu_checkout, "dvc", "remote", "add", "--local", "-d", "shared", remote, env=env)
+        workspace = sh(cpu_checkout, "git", "status", "--porcelain", env=env), (cpu_checkout / "params.yaml").read_bytes()
+        output = sh(cpu_checkout, prefect, "deployment", "run", "lora-mnist-pipeline/scheduled", "--params",
+                    json.dumps({"overrides": {"pretrain.max_steps": 300}, "experiment_name": "gpu-300"}),
+                    "--watch", "--watch-timeout", "900", env=env, timeout=1000)
+        logs = {pool: (tmp_path / f"worker-{pool}.log").read_text() for pool in ("cpu", "gpu")}
+        assert "Flow run finished successfully in 'Completed'" in output, output + logs["cpu"][-4000:] + logs["gpu"][-4000:]
     finally:
         for worker in workers:
             _stop(worker)
 
-    # The training stages ran in the gpu machine's checkout; the cpu machine ran the others.
+    # The training stages ran in the gpu machine's clone; the cpu machine ran the others.
     assert "Running stage 'pretrain'" in logs["gpu"] and "Running stage 'finetune'" in logs["gpu"]
-    assert "Running stage 'pretrain'" not in logs["cpu"] and "Running stage 'finetune'" not in logs["cpu"]
     assert "Running stage 'evaluate'" in logs["cpu"] and "Running stage 'evaluate'" not in logs["gpu"]
     assert "pretrain on the gpu pool" in logs["cpu"]
+    assert any((tmp_path / "dvc-remote" / "files" / "md5").iterdir())  # the outputs went through sshd
     training_runs = json.loads(sh(cpu_checkout, sys.executable, "-c", _FLOW_RUNS_SCRIPT, env=env))
+    head = sh(cpu_checkout, "git", "rev-parse", "HEAD", env=env).strip()
     assert sorted(run["stage"] for run in training_runs) == ["finetune", "pretrain"]
-    assert all(run["state"] == "COMPLETED" and run["work_pool"] == "gpu" for run in training_runs)
+    assert all(run["state"] == "COMPLETED" and run["work_pool"] == "gpu" and run["commit"] == head for run in training_runs)
 
-    # The cpu checkout holds every output and DVC finds it consistent.
+    # The experiment holds the gpu pool's outputs; the cpu checkout itself is as it was.
+    assert (sh(cpu_checkout, "git", "status", "--porcelain", env=env), (cpu_checkout / "params.yaml").read_bytes()) == workspace
+    diff = json.loads(sh(cpu_checkout, "dvc", "params", "diff", "HEAD", "gpu-300", "--json", env=env))
+    assert diff == {"params.yaml": {"pretrain.max_steps": {"old": 400, "new": 300}}}
+    sh(cpu_checkout, "dvc", "exp", "apply", "gpu-300", env=env)
     assert "Data and pipelines are up to date" in sh(cpu_checkout, "dvc", "status", "dvc.yaml", env=env)
 
     # Same params, same seed, one machine: a local `dvc repro` gives identical weights and metrics.
     local = tmp_path / "local-run"
-    sh(git_repo.parent, "git", "clone", "-q", str(git_repo), str(local), env=env)
-    use_dvc_cache(local, dvc_cache)  # stages that other tests ran with these params come from the run cache
-    sh(local, "dvc", "repro", env=env)
-    for name in ("metrics/analyze.json", "metrics/finetune.json", "metrics/evaluate.json"):
-        assert (cpu_checkout / name).read_text() == (local / name).read_text(), name
-    assert (cpu_checkout / "models/base.safetensors").read_bytes() == (local / "models/base.safetensors").read_bytes()
+    sh(tmp_path, "git", "clone", "-q", str(shared_git), str(local), env=env)
+    sh(local, "dvc", "exp", "run", "-S", "pretrain.max_steps=300", env=env)
+    for name in ("metrics/analyze.json", "metrics/finetune.json", "metrics/evaluate.json", "models/base.safetensors"):
+        assert (cpu_checkout / name).read_bytes() == (local / name).read_bytes(), name
 
+
+_DEPLOYMENT_SCRIPT = """
+import json
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as client:
+    deployment = client.read_deployment_by_name("lora-mnist-train/gpu")
+limit = deployment.global_concurrency_limit.limit if deployment.global_concurrency_limit else None
+steps = [next(iter(step)).rsplit(".", 1)[-1] for step in deployment.pull_steps]
+print(json.dumps({"concurrency_limit": limit, "steps": steps}))
+"""
 
 _FLOW_RUNS_SCRIPT = """
 import json
@@ -131,5 +154,6 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 with get_client(sync_client=True) as client:
     runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["lora-mnist-train"])))
-print(json.dumps([{"stage": r.parameters["stage"], "state": r.state_type.value, "work_pool": r.work_pool_name} for r in runs]))
+print(json.dumps([{"stage": r.parameters["stage"], "commit": r.parameters["commit"], "state": r.state_type.value,
+                   "work_pool": r.work_pool_name} for r in runs]))
 """
