@@ -25,6 +25,7 @@ from tasks.params import PARAMS_FILE, ParamsError, load_raw, set_dotted, with_ov
 STAGES = ("check_params", "download", "pretrain", "analyze", "finetune", "evaluate")
 TRAINING_STAGES = ("pretrain", "finetune")
 LOCK_FILE = Path(".dvc/tmp/lora-mnist-flow.lock")
+SAVE_LOCK_FILE = Path(".dvc/tmp/lora-mnist-exp-save.lock")  # `dvc exp save` in two worktrees at once races on git refs
 
 
 class StageFailed(RuntimeError):
@@ -141,9 +142,8 @@ def experiment_workspace(name: str) -> Iterator[Path]:
 
 
 @contextmanager
-def checkout_lock(timeout_s: float = 3600.0, poll_s: float = 1.0, root: Path | None = None) -> Iterator[None]:
+def checkout_lock(lock_file: Path = LOCK_FILE, timeout_s: float = 3600.0, poll_s: float = 1.0) -> Iterator[None]:
     """One pipeline run per checkout at a time: a second one waits here instead of corrupting the first."""
-    lock_file = (root or Path.cwd()) / LOCK_FILE
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_file, "w") as handle:
         deadline = time.monotonic() + timeout_s

@@ -20,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Completed, State
 
 from flows.dvc_stage import (
+    SAVE_LOCK_FILE,
     STAGES,
     TRAINING_STAGES,
     StageFailed,
@@ -162,7 +163,8 @@ def pipeline(
     with experiment_workspace(name) as root:
         apply_overrides(overrides, root / PARAMS_FILE)
         result = run_stages(root, training)
-        return {**result, "experiment": save_experiment(name, root)}
+        with checkout_lock(SAVE_LOCK_FILE):
+            return {**result, "experiment": save_experiment(name, root)}
 
 
 def run_stages(root: Path, training: str) -> dict[str, Any]:

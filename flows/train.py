@@ -28,7 +28,7 @@ def train_stage(stage: str, commit: str, params: dict[str, Any], upstream: dict[
     root = Path.cwd()
     check_upstream(stage, upstream, root)
     logger = get_run_logger()
-    with checkout_lock(root=root):
+    with checkout_lock():
         if git("cat-file", "-e", f"{commit}^{{commit}}", check=False).returncode != 0:
             git("fetch", "-q", "origin")
         git("checkout", "-q", "--force", "--detach", commit)

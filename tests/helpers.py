@@ -271,3 +271,11 @@ def start_sshd(directory: Path) -> tuple[subprocess.Popen, dict[str, str]]:
     env = {"HOME": str(home), "SSH_USER": getpass.getuser(), "SSH_PORT": str(port),
            "LORA_KERNEL_CACHE": os.environ.get("LORA_KERNEL_CACHE") or str(Path.home() / ".cache" / "lora-mnist")}
     return server, env
+
+
+def changed_params(repo: Path, experiment: str, env: dict[str, str] | None = None) -> dict[str, tuple]:
+    """{key: (value at HEAD, value in ``experiment``)} for each param `dvc params diff` finds changed."""
+    import json
+
+    diff = json.loads(sh(repo, "dvc", "params", "diff", "HEAD", experiment, "--json", env=env))
+    return {key: (change["old"], change["new"]) for key, change in diff.get("params.yaml", {}).items()}

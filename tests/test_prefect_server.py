@@ -14,9 +14,12 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import dvc.api
 import pytest
+import yaml
 
-from tests.helpers import free_port, run_env, sh, use_dvc_cache
+from flows.handoff import HandoffRefused, accept_lock_entry
+from tests.helpers import changed_params, free_port, run_env, sh, use_dvc_cache
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -125,17 +128,22 @@ def test_deployed_pipeline_trains_in_process_without_a_remote_then_on_the_gpu_po
 
     # The experiment holds the gpu pool's outputs; the cpu checkout itself is as it was.
     assert (sh(cpu_checkout, "git", "status", "--porcelain", env=env), (cpu_checkout / "params.yaml").read_bytes()) == workspace
-    diff = json.loads(sh(cpu_checkout, "dvc", "params", "diff", "HEAD", "gpu-300", "--json", env=env))
-    assert diff == {"params.yaml": {"pretrain.max_steps": {"old": 400, "new": 300}}}
-    sh(cpu_checkout, "dvc", "exp", "apply", "gpu-300", env=env)
-    assert "Data and pipelines are up to date" in sh(cpu_checkout, "dvc", "status", "dvc.yaml", env=env)
+    assert changed_params(cpu_checkout, "gpu-300", env) == {"pretrain.max_steps": (400, 300)}
 
-    # Same params, same seed, one machine: a local `dvc repro` gives identical weights and metrics.
+    # That experiment's finetune entry does not describe this checkout's inputs: taking it back is refused.
+    entry = yaml.safe_load(dvc.api.read("dvc.lock", repo=str(cpu_checkout), rev="gpu-300"))["stages"]["finetune"]
+    lock_before = (cpu_checkout / "dvc.lock").read_bytes()
+    with pytest.raises(HandoffRefused, match="the dvc.lock entry for finetune does not match this checkout"):
+        accept_lock_entry("finetune", entry, cpu_checkout)
+    assert (cpu_checkout / "dvc.lock").read_bytes() == lock_before
+
+    # Same params, same seed, one machine: a local `dvc exp run` gives identical weights and metrics.
     local = tmp_path / "local-run"
     sh(tmp_path, "git", "clone", "-q", str(shared_git), str(local), env=env)
     sh(local, "dvc", "exp", "run", "-S", "pretrain.max_steps=300", env=env)
     for name in ("metrics/analyze.json", "metrics/finetune.json", "metrics/evaluate.json", "models/base.safetensors"):
-        assert (cpu_checkout / name).read_bytes() == (local / name).read_bytes(), name
+        from_gpu_pool = dvc.api.read(name, repo=str(cpu_checkout), rev="gpu-300", mode="rb")
+        assert from_gpu_pool == (local / name).read_bytes(), name
 
 
 _DEPLOYMENT_SCRIPT = """
