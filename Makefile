@@ -24,8 +24,9 @@ experiments: $(STAMP)
 
 # Tests: the whole suite (what CI runs), or the fast tier: library, params, data reader and stage units (no DVC,
 # no Prefect server, no real MNIST).
+# Two pytest workers: the slow tests spend much of their time waiting on servers, git and DVC, not computing.
 test: $(STAMP) /usr/sbin/sshd
-	PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 python -m pytest
+	PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 python -m pytest -n 2 --dist worksteal
 
 # The SSH-remote test starts Debian's sshd on 127.0.0.1 itself; installing the package must not start the service
 # (policy-rc.d 101 tells the package scripts not to).

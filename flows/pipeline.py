@@ -99,7 +99,7 @@ def gpu_pool_available(root: Path) -> bool:
     return True
 
 
-def publish_artifacts(stage_runs: list[dict[str, str]], root: Path) -> None:
+def publish_artifacts(stage_runs: list[dict[str, str]], root: Path, experiment: str | None) -> None:
     evaluation = json.loads((root / EVALUATE_METRICS).read_text())
     finetune = json.loads((root / FINETUNE_METRICS).read_text())
     digit = evaluation["digit"]
@@ -131,8 +131,8 @@ def publish_artifacts(stage_runs: list[dict[str, str]], root: Path) -> None:
             f"- trainable parameters: {finetune['trainable_parameters']:,} "
             f"({finetune['trainable_percent']}% of {finetune['base_parameters']:,})",
             "## Outputs (versioned by DVC, see dvc.lock)",
-            f"- base weights: `{root / BASE_WEIGHTS}`",
-            f"- adapter: `{root / ADAPTER_DIR}`",
+            *([f"- in DVC experiment `{experiment}`: `dvc exp apply {experiment}` brings them into the checkout"]
+              if experiment else [f"- base weights: `{root / BASE_WEIGHTS}`", f"- adapter: `{root / ADAPTER_DIR}`"]),
             "## Stages",
             *[f"- {run['stage']}: {run['ran']}" for run in stage_runs],
         ]),
@@ -157,18 +157,20 @@ def pipeline(
         raise ValueError(f"training={training!r} is invalid: 'auto', 'local' or 'gpu-pool' is allowed")
     if not overrides:
         with checkout_lock():
-            return run_stages(Path.cwd().resolve(), training)
+            return run_stages(Path.cwd().resolve(), training, experiment=None)
     validate_overrides(overrides)  # refused before a workspace exists
     name = validate_experiment_name(experiment_name or f"prefect-{uuid.uuid4().hex[:8]}")
     with experiment_workspace(name) as root:
         apply_overrides(overrides, root / PARAMS_FILE)
-        result = run_stages(root, training)
+        result = run_stages(root, training, experiment=name)
         with checkout_lock(SAVE_LOCK_FILE):
-            return {**result, "experiment": save_experiment(name, root)}
+            save_experiment(name, root)
+        return result
 
 
-def run_stages(root: Path, training: str) -> dict[str, Any]:
-    """The stages in ``root``, in DAG order, then the artifacts; returns what ran and the evaluation."""
+def run_stages(root: Path, training: str, experiment: str | None) -> dict[str, Any]:
+    """The stages in ``root``, in DAG order, then the artifacts; returns what ran, the experiment the run is
+    saved as (saved by the caller) and the evaluation."""
     on_gpu_pool = training == "gpu-pool" or (training == "auto" and gpu_pool_available(root))
     get_run_logger().info(f"training stages run {'on the gpu work pool' if on_gpu_pool else 'in this process'}")
     stage_runs = []
@@ -181,8 +183,8 @@ def run_stages(root: Path, training: str) -> dict[str, Any]:
             runner = dvc_stage
         # return_state: a "Skipped" state carries its result as data; .result() raises a stage's failure.
         stage_runs.append(runner(stage, root, return_state=True).result())
-    publish_artifacts(stage_runs, root)
-    return {"stages": stage_runs, "experiment": None, "metrics": json.loads((root / EVALUATE_METRICS).read_text())}
+    publish_artifacts(stage_runs, root, experiment)
+    return {"stages": stage_runs, "experiment": experiment, "metrics": json.loads((root / EVALUATE_METRICS).read_text())}
 
 
 def main() -> None:

@@ -190,7 +190,9 @@ def test_a_damaged_result_file_stops_the_report_in_one_line_before_writing(tmp_p
 @pytest.mark.slow
 def test_experiment_matrices_expand_to_every_grid_point_in_dvcs_dry_run(git_repo):
     # A dry run hashes the dependencies, so they must exist; nothing runs, so placeholders do.
-    for path in ["models/base.safetensors", "models/adapter/adapter_config.json", *(f"data/mnist/raw/{name}" for name in MNIST_SHA256)]:
+    for path in ["models/base.safetensors", "dvclive/pretrain/metrics.json", "metrics/analyze.json",
+                 "models/adapter/adapter_config.json", "metrics/finetune.json",
+                 *(f"data/mnist/raw/{name}" for name in MNIST_SHA256)]:
         (git_repo / path).parent.mkdir(parents=True, exist_ok=True)
         (git_repo / path).write_bytes(b"placeholder")
     output = sh(git_repo, "dvc", "repro", "--dry", "experiments/dvc.yaml")
