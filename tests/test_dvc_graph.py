@@ -93,6 +93,37 @@ def test_the_experiment_groups_are_the_stages_of_experiments_dvc_yaml_and_the_re
     assert GROUPS == tuple(SECTIONS)
 
 
+def test_the_registry_declares_the_models_and_its_meta_describes_the_committed_run():
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        artifacts = repo.artifacts.read()
+    main, digits = artifacts["dvc.yaml"], artifacts["experiments/dvc.yaml"]
+    assert sorted(main) == ["base-model", "lora-adapter"]
+    assert sorted(digits) == sorted(f"digit-{d}-adapter" for d in range(10))
+    evaluation = json.loads((ROOT / "metrics/evaluate.json").read_text())
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    base_sha = evaluation["integrity"]["base_weights_sha256"]
+    outputs = {next(iter(o)) if isinstance(o, dict) else o for _, stage in _stages("dvc.yaml") for o in stage.get("outs", [])}
+    for artifact in [*main.values(), *digits.values()]:
+        assert artifact.type == "model" and artifact.desc and artifact.labels
+    assert {main["base-model"].path, main["lora-adapter"].path} <= outputs
+    assert main["base-model"].meta == {"hidden_1": params["model"]["hidden_1"], "hidden_2": params["model"]["hidden_2"],
+                                       "sha256": base_sha}
+    assert main["lora-adapter"].meta == {"digit": evaluation["digit"], "rank": params["lora"]["rank"],
+                                         "alpha": params["lora"]["alpha"], "base_sha256": base_sha}
+    # The per-digit adapters were trained on that same base (its file hash in both lock files) with these settings.
+    main_lock, experiments_lock = (yaml.safe_load((ROOT / name).read_text())["stages"] for name in ("dvc.lock", "experiments/dvc.lock"))
+    base_md5 = next(o["md5"] for o in main_lock["pretrain"]["outs"] if o["path"] == "models/base.safetensors")
+    for digit in range(10):
+        result = json.loads((ROOT / f"experiments/results/digit_adapters/digit-{digit}.json").read_text())
+        entry = experiments_lock[f"digit_adapters@{digit}"]
+        assert next(d["md5"] for d in entry["deps"] if d["path"] == "models/base.safetensors") == base_md5
+        assert digits[f"digit-{digit}-adapter"].meta == {"digit": digit, "rank": result["rank"], "alpha": result["alpha"],
+                                                         "base_sha256": base_sha}
+        assert digits[f"digit-{digit}-adapter"].path.startswith(next(o["path"] for o in entry["outs"]).removeprefix("experiments/"))
+
+
 @pytest.mark.slow
 def test_a_change_reruns_only_the_stages_that_import_it_and_forced_reruns_change_no_tracked_file(git_repo):
     tiny = {"model.hidden_1": 64, "model.hidden_2": 32, "pretrain.max_steps": 200, "finetune.steps": 20}

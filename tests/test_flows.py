@@ -57,6 +57,22 @@ def test_pipeline_flow_runs_stages_through_dvc_publishes_artifacts_and_records_o
 
     sh(flow_repo, "git", "add", "-A")
     sh(flow_repo, "git", "commit", "-qm", "baseline")
+
+    # The committed models, from DVC's registry, in a directory outside any checkout, through the remote.
+    remote, elsewhere = flow_repo.parent / "dvc-remote", flow_repo.parent / "elsewhere"
+    sh(flow_repo, "dvc", "remote", "add", "--local", "-d", "shared", str(remote))
+    sh(flow_repo, "dvc", "push", "dvc.yaml")
+    config = flow_repo.parent / "remote.conf"
+    config.write_text(f"[core]\n    remote = shared\n['remote \"shared\"']\n    url = {remote}\n")
+    elsewhere.mkdir()
+    for name in ("base-model", "lora-adapter"):
+        sh(flow_repo, "gto", "register", name, "--version", "v1.0.0")  # a git tag: the registered version
+        sh(elsewhere, "dvc", "artifacts", "get", str(flow_repo), name, "--config", str(config))
+    assert (elsewhere / "base.safetensors").read_bytes() == (flow_repo / "models/base.safetensors").read_bytes()
+    for file in (flow_repo / "models" / "adapter").iterdir():
+        assert (elsewhere / "adapter" / file.name).read_bytes() == file.read_bytes(), file.name
+    sh(flow_repo, "dvc", "remote", "remove", "--local", "shared")  # the rest of this test trains in process
+
     params_before = (flow_repo / "params.yaml").read_bytes()
     third = pipeline(overrides={"lora.rank": 2}, training="local", experiment_name="flow-rank2")
     assert ran(third) == {"check_params": "here", "download": "skipped", "pretrain": "skipped", "analyze": "skipped",
