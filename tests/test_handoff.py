@@ -1,5 +1,6 @@
 """The GPU hand-off's checks (flows/handoff.py): a returned dvc.lock entry or a training request that names
-anything dvc.yaml does not declare for the stage is refused in one message, before anything is written."""
+anything dvc.yaml does not declare for the stage is refused in one message, before anything is written; so is
+an experiment name that is not one plain directory name (flows/dvc_stage.py)."""
 from __future__ import annotations
 
 import copy
@@ -83,3 +84,12 @@ def test_a_request_is_refused_for_a_later_stage_entry_or_a_malformed_commit(chec
         with pytest.raises(HandoffRefused, match="a full 40-character git commit id is allowed"):
             check_commit(commit)
     assert check_commit("0" * 40) == "0" * 40
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "", ".hidden", "x..y", "name.lock", "-flag", "a" * 101, None])
+def test_an_experiment_name_that_is_not_one_plain_directory_name_is_refused(name):
+    from flows.dvc_stage import validate_experiment_name
+
+    with pytest.raises(ValueError, match="is invalid: letters, digits"):
+        validate_experiment_name(name)
+    assert validate_experiment_name("rank-4_a.2") == "rank-4_a.2"
