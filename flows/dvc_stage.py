@@ -122,23 +122,42 @@ def experiment_workspace(name: str) -> Iterator[Path]:
     experiment saved in it stays (`dvc exp show`, `dvc exp apply`)."""
     root = Path.cwd().resolve()
     path = root / WORKSPACES / name
-    if path.exists():
-        raise ValueError(f"experiment name {name!r} is in use by a running flow ({path}); choose another")
     path.parent.mkdir(parents=True, exist_ok=True)
-    git("worktree", "add", "--detach", "-q", str(path), "HEAD")
     try:
+        path.mkdir()  # claims the name atomically; git fills the empty directory
+    except FileExistsError:
+        raise ValueError(f"experiment name {name!r} is taken by another flow run, or by one that stopped without "
+                         f"cleaning up ({path}: remove it with `git worktree remove --force {path}`)") from None
+    try:
+        git("worktree", "add", "--detach", "-q", str(path), "HEAD")
         if changes := git("stash", "create").stdout.strip():  # a commit of the uncommitted changes; the checkout is untouched
             git("checkout", changes, "--", ".", cwd=path)
             git("reset", "-q", cwd=path)
-        if (root / ".dvc" / "config.local").is_file():
-            shutil.copy2(root / ".dvc" / "config.local", path / ".dvc" / "config.local")  # remotes of this checkout
-        dvc("cache", "dir", "--local", dvc("cache", "dir").stdout.strip(), cwd=path)
+        use_checkout_dvc_config(root, path)
         dvc("checkout", "--allow-missing", cwd=path, check=False)  # what the cache lacks, the stages rebuild
         yield path
     finally:
         git("worktree", "remove", "--force", str(path), check=False)
         shutil.rmtree(path, ignore_errors=True)
         git("worktree", "prune", check=False)
+
+
+def use_checkout_dvc_config(root: Path, workspace: Path) -> None:
+    """``workspace`` on ``root``'s DVC cache and remotes: its config.local copied, then every remote's URL and the
+    cache directory as ``root`` resolves them (DVC writes local paths relative to the config file)."""
+    from dvc.repo import Repo
+
+    if (root / ".dvc" / "config.local").is_file():
+        shutil.copy2(root / ".dvc" / "config.local", workspace / ".dvc" / "config.local")
+    with Repo(str(root)) as repo:
+        config = repo.config
+        remotes = {name: options["url"] for name, options in config["remote"].items()}
+        default, cache_dir = config["core"].get("remote"), repo.cache.local_cache_dir
+    for name, url in remotes.items():
+        dvc("remote", "add", "--local", "--force", name, url, cwd=workspace)
+    if default:
+        dvc("remote", "default", "--local", default, cwd=workspace)
+    dvc("cache", "dir", "--local", str(cache_dir), cwd=workspace)
 
 
 @contextmanager

@@ -3,8 +3,9 @@ dvc.lock entries of the stages before it; it comes back as its own dvc.lock entr
 fetches from the remote by their hashes.
 
 Both directions are checked against dvc.yaml before anything is written: an entry may name only the stage's
-declared command, dependencies, params and outputs, so nothing that comes back can reach a code file, a path
-outside the stage's outputs or outside the checkout.
+declared command, dependencies, params and outputs, and every file of a returned directory must lie inside it,
+so nothing that comes back can reach a code file, a path outside the stage's outputs or outside the checkout.
+The entry travels as JSON in a Prefect artifact of the worker's flow run, never through a pickled result.
 """
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from typing import Any
 
 import yaml
 
-from flows.dvc_stage import STAGES, StageFailed, dvc
+from flows.dvc_stage import STAGES, dvc
 from lora_mnist.io import write_text
 
 LOCK = Path("dvc.lock")
 HASH = re.compile(r"[0-9a-f]{32}(\.dir)?")
+ENTRY_KEYS = {"path", "hash", "md5", "size", "nfiles"}
+LOCK_ENTRY_ARTIFACT = "dvc-lock-entry"
 COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
@@ -49,6 +52,9 @@ def check_lock_entry(stage: str, entry: Any, root: Path) -> None:
         if not isinstance(files, list) or not all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in files):
             raise HandoffRefused(f"{where}: {kind} must be a list of entries with a path")
         for item in files:
+            if set(item) - ENTRY_KEYS:
+                raise HandoffRefused(f"{where}: {item['path']!r} has keys {sorted(set(item) - ENTRY_KEYS)}; "
+                                     f"{sorted(ENTRY_KEYS)} are allowed")
             path = PurePosixPath(item["path"])
             if path.is_absolute() or ".." in path.parts:
                 raise HandoffRefused(f"{where}: {kind} path {item['path']!r} escapes the checkout")
@@ -107,9 +113,25 @@ def lock_entry(stage: str, root: Path) -> dict[str, Any]:
     return yaml.safe_load((root / LOCK).read_text())["stages"][stage]
 
 
+def check_directory_manifests(entry: dict[str, Any], cache: Path) -> None:
+    """Refuse a returned directory output any of whose files (as its `.dir` object in the DVC ``cache`` lists
+    them) would land outside it: an absolute path, or one with '.', '..' or empty parts."""
+    for item in entry["outs"]:
+        if not item["md5"].endswith(".dir"):
+            continue
+        digest = item["md5"]
+        listing = json.loads((cache / "files" / "md5" / digest[:2] / digest[2:]).read_text())
+        for file in listing:
+            relpath = file.get("relpath") if isinstance(file, dict) else None
+            parts = relpath.split("/") if isinstance(relpath, str) else [""]
+            if relpath is None or relpath.startswith("/") or any(part in ("", ".", "..") for part in parts):
+                raise HandoffRefused(f"the returned {item['path']} lists a file {relpath!r} outside itself")
+
+
 def accept_lock_entry(stage: str, entry: Any, root: Path) -> None:
     """Take a stage's dvc.lock entry back from a worker: checked against dvc.yaml, then against this checkout's
-    own dependencies (`dvc status`), then its outputs pulled from the DVC remote by hash. A refusal writes nothing."""
+    own dependencies (`dvc status`); its outputs fetched into the cache by hash (`dvc fetch`), their directory
+    listings checked, and only then checked out. A refusal leaves dvc.lock as it was."""
     check_lock_entry(stage, entry, root)
     before = write_lock_entries({stage: entry}, root)
     try:
@@ -117,7 +139,34 @@ def accept_lock_entry(stage: str, entry: Any, root: Path) -> None:
         changed = [key for item in status for key in ([item] if isinstance(item, str) else item) if key != "changed outs"]
         if changed:
             raise HandoffRefused(f"the dvc.lock entry for {stage} does not match this checkout ({', '.join(changed)})")
-        dvc("pull", "--force", stage, cwd=root)  # only this stage's declared outputs, each checked against its hash
-    except (HandoffRefused, StageFailed):
+        dvc("fetch", stage, cwd=root)  # into the cache only: the workspace is untouched
+        check_directory_manifests(entry, Path(dvc("cache", "dir", cwd=root).stdout.strip()))
+        dvc("checkout", "--force", stage, cwd=root)
+    except BaseException:
         restore_lock(before, root)
         raise
+
+
+def publish_lock_entry(stage: str, root: Path) -> dict[str, Any]:
+    """On the worker: the stage's dvc.lock entry as a JSON artifact of this flow run; returns the entry."""
+    from prefect.artifacts import create_markdown_artifact
+
+    entry = lock_entry(stage, root)
+    create_markdown_artifact(key=LOCK_ENTRY_ARTIFACT, markdown=json.dumps(entry), description=f"dvc.lock entry of {stage}")
+    return entry
+
+
+def read_lock_entry(flow_run_id: Any) -> Any:
+    """On the pipeline: the entry a worker's flow run published, parsed as JSON (nothing of it is executed)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[LOCK_ENTRY_ARTIFACT])),
+                                          flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    if len(artifacts) != 1:
+        raise HandoffRefused(f"flow run {flow_run_id} published {len(artifacts)} dvc.lock entries; one is expected")
+    try:
+        return json.loads(artifacts[0].data)
+    except (TypeError, ValueError):
+        raise HandoffRefused(f"flow run {flow_run_id} published a dvc.lock entry that is not JSON") from None

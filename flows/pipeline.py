@@ -37,7 +37,7 @@ from flows.dvc_stage import (
     validate_experiment_name,
     validate_overrides,
 )
-from flows.handoff import accept_lock_entry, upstream_entries
+from flows.handoff import accept_lock_entry, read_lock_entry, upstream_entries
 from tasks.params import PARAMS_FILE, load_params, parse_overrides, to_mapping
 from tasks.paths import ADAPTER_DIR, BASE_WEIGHTS, EVALUATE_METRICS, FINETUNE_METRICS
 
@@ -64,8 +64,8 @@ def dvc_stage(stage: str, root: Path) -> Any:
 @task(task_run_name="{stage} on the gpu pool")
 def gpu_pool_stage(stage: str, root: Path) -> Any:
     """Hand one training stage to the `gpu` work pool: this commit, these params and the inputs' dvc.lock entries
-    go as flow parameters, the inputs through `dvc push`; the stage's dvc.lock entry comes back as the flow
-    run's result, and its outputs through `dvc pull`."""
+    go as flow parameters, the inputs through `dvc push`; the stage's dvc.lock entry comes back as a JSON
+    artifact of the flow run, and its outputs through `dvc fetch` and `dvc checkout`."""
     from prefect.deployments import run_deployment
 
     if skipped := skipped_if_up_to_date(stage, root):
@@ -77,7 +77,7 @@ def gpu_pool_stage(stage: str, root: Path) -> Any:
     run = run_deployment(TRAIN_DEPLOYMENT, parameters=request)
     if not run.state.is_completed():
         raise StageFailed(f"{stage} on the gpu pool ended {run.state.name}: {run.state.message}")
-    accept_lock_entry(stage, run.state.result(), root)
+    accept_lock_entry(stage, read_lock_entry(run.id), root)
     if not is_up_to_date(stage, root):
         raise StageFailed(f"{stage} came back from the gpu pool but DVC does not find it up to date here")
     return {"stage": stage, "ran": f"gpu pool (flow run {run.name})"}

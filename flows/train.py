@@ -2,7 +2,8 @@
 
 The deployment's pull steps clone the shared git remote (prefect.yaml); the flow checks out the pipeline's
 commit, writes the validated params, takes the dvc.lock entries of the stages before this one, gets its inputs
-with `dvc pull`, runs the stage, pushes its outputs with `dvc push` and returns the stage's dvc.lock entry.
+with `dvc pull`, runs the stage, pushes its outputs with `dvc push` and publishes the stage's dvc.lock entry
+as a JSON artifact of its flow run. The request is checked with the commit's own dvc.yaml and check_params.
 """
 from __future__ import annotations
 
@@ -12,28 +13,26 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.dvc_stage import TRAINING_STAGES, checkout_lock, dvc, git, reproduce
-from flows.handoff import check_commit, check_upstream, lock_entry, write_lock_entries
-from tasks.check_params import check
-from tasks.params import PARAMS_FILE, from_mapping
+from flows.handoff import check_commit, check_upstream, publish_lock_entry, write_lock_entries
+from tasks.params import PARAMS_FILE
 
 
-@flow(name="lora-mnist-train", log_prints=True, persist_result=True)
+@flow(name="lora-mnist-train", log_prints=True)
 def train_stage(stage: str, commit: str, params: dict[str, Any], upstream: dict[str, Any]) -> dict[str, Any]:
     """Run ``stage`` at ``commit`` with ``params`` (the whole params.yaml), its inputs pulled as ``upstream``
-    (dvc.lock entries) names them; returns the stage's dvc.lock entry."""
+    (dvc.lock entries) names them; returns and publishes the stage's dvc.lock entry."""
     if stage not in TRAINING_STAGES:
         raise ValueError(f"stage={stage!r} is invalid: one of {list(TRAINING_STAGES)} is allowed")
     check_commit(commit)
-    check(from_mapping(params, "the request's params"), "the request's params")
+    if not isinstance(params, dict):
+        raise ValueError(f"params={params!r} is invalid: the mapping of a whole params.yaml is allowed")
     root = Path.cwd()
-    check_upstream(stage, upstream, root)
     logger = get_run_logger()
     with checkout_lock():
-        if git("cat-file", "-e", f"{commit}^{{commit}}", check=False).returncode != 0:
-            git("fetch", "-q", "origin")
+        fetch_commit(commit)
         git("checkout", "-q", "--force", "--detach", commit)
         check_upstream(stage, upstream, root)  # against the dvc.yaml of the commit it will run
-        write_params(params, root / PARAMS_FILE)
+        write_params(params, root / PARAMS_FILE)  # check_params, below, checks them with the commit's code
         write_lock_entries(upstream, root)
         inputs = [name for name in upstream if name != "check_params"]  # check_params' outputs are rebuilt here
         if inputs:
@@ -41,7 +40,17 @@ def train_stage(stage: str, commit: str, params: dict[str, Any], upstream: dict[
         reproduce("check_params", logger.info)
         reproduce(stage, logger.info)
         dvc("push", stage)
-        return lock_entry(stage, root)
+        return publish_lock_entry(stage, root)
+
+
+def fetch_commit(commit: str) -> None:
+    """Make ``commit`` present in this clone: Prefect's git_clone step clones one branch at depth 1."""
+    if git("cat-file", "-e", f"{commit}^{{commit}}", check=False).returncode == 0:
+        return
+    shallow = git("rev-parse", "--is-shallow-repository").stdout.strip() == "true"
+    git("fetch", "-q", *(["--unshallow"] if shallow else []), "origin", "+refs/heads/*:refs/remotes/origin/*")
+    if git("cat-file", "-e", f"{commit}^{{commit}}", check=False).returncode != 0:
+        raise ValueError(f"commit {commit} is not on the shared git remote's branches: push it there first")
 
 
 def write_params(params: dict[str, Any], path: Path) -> None:

@@ -4,13 +4,22 @@ an experiment name that is not one plain directory name (flows/dvc_stage.py)."""
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from flows.handoff import HandoffRefused, accept_lock_entry, check_commit, check_upstream, declared, upstream_entries
+from flows.handoff import (
+    HandoffRefused,
+    accept_lock_entry,
+    check_commit,
+    check_directory_manifests,
+    check_upstream,
+    declared,
+    upstream_entries,
+)
 from tests.helpers import ROOT
 
 
@@ -69,6 +78,29 @@ def test_a_returned_entry_with_an_extra_output_another_command_or_other_params_i
     unhashed["outs"][0]["md5"] = "../../x"
     _refused(checkout, "pretrain", unhashed, "has no DVC md5 hash")
     _refused(checkout, "pretrain", ["not", "a", "mapping"], "is not a mapping")
+    extra_key = _entry(checkout, "pretrain")
+    extra_key["outs"][0]["isexec"] = True
+    _refused(checkout, "pretrain", extra_key, r"has keys \['isexec'\]")
+
+
+def _write_listings(entry: dict, cache: Path, adapter_file: str) -> None:
+    """`.dir` objects in a DVC cache for every directory output of ``entry``; the adapter lists ``adapter_file``."""
+    for item in entry["outs"]:
+        if item["md5"].endswith(".dir"):
+            listing = cache / "files" / "md5" / item["md5"][:2] / item["md5"][2:]
+            listing.parent.mkdir(parents=True, exist_ok=True)
+            files = ["adapter_config.json", adapter_file] if item["path"] == "models/adapter" else ["loss.tsv"]
+            listing.write_text(json.dumps([{"md5": f"{n:032d}", "relpath": name} for n, name in enumerate(files)]))
+
+
+@pytest.mark.parametrize("relpath", ["../../lora/layer.py", "/etc/passwd", "a/../../x", "./x", "a//b", ""])
+def test_a_returned_directory_listing_a_file_outside_itself_is_refused(checkout, tmp_path, relpath):
+    entry = _entry(checkout, "finetune")
+    _write_listings(entry, tmp_path / "cache", relpath)
+    with pytest.raises(HandoffRefused, match="the returned models/adapter lists a file .* outside itself"):
+        check_directory_manifests(entry, tmp_path / "cache")
+    _write_listings(entry, tmp_path / "cache", "sub/weights.bin")
+    check_directory_manifests(entry, tmp_path / "cache")
 
 
 def test_a_request_is_refused_for_a_later_stage_entry_or_a_malformed_commit(checkout):

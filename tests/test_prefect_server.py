@@ -77,7 +77,7 @@ def test_deployed_pipeline_trains_in_process_without_a_remote_then_on_the_gpu_po
     remote = f"ssh://{ssh_server['SSH_USER']}@127.0.0.1:{ssh_server['SSH_PORT']}{tmp_path / 'dvc-remote'}"
     sh(tmp_path, "git", "clone", "-q", "--bare", str(git_repo), str(shared_git))
     env = dict(prefect_env, HOME=ssh_server["HOME"], LORA_KERNEL_CACHE=ssh_server["LORA_KERNEL_CACHE"],
-               LORA_MNIST_GIT_REMOTE=str(shared_git))
+               LORA_MNIST_GIT_REMOTE=f"file://{shared_git}")  # file://: git_clone's depth-1 clone is shallow
     cpu_checkout, gpu_machine = tmp_path / "cpu-machine", tmp_path / "gpu-machine"
     sh(tmp_path, "git", "clone", "-q", str(shared_git), str(cpu_checkout), env=env)
     use_dvc_cache(cpu_checkout, dvc_cache)  # stages that other tests ran with these params come from the run cache
