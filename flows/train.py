@@ -1,9 +1,10 @@
 """The training flow that the `gpu` work pool runs: one stage of the pipeline's commit, in the worker's clone.
 
 The deployment's pull steps clone the shared git remote (prefect.yaml); the flow checks out the pipeline's
-commit, writes the validated params, takes the dvc.lock entries of the stages before this one, gets its inputs
-with `dvc pull`, runs the stage, pushes its outputs with `dvc push` and publishes the stage's dvc.lock entry
-as a JSON artifact of its flow run. The request is checked with the commit's own dvc.yaml and check_params.
+commit, writes the params, takes the dvc.lock entries of the stages before this one, gets its inputs with
+`dvc fetch` and `dvc checkout` (no directory among them may list a file outside itself), runs the stage,
+pushes its outputs with `dvc push` and publishes the stage's dvc.lock entry as a JSON artifact of its flow
+run. The request is checked with the commit's own dvc.yaml and check_params.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.dvc_stage import TRAINING_STAGES, checkout_lock, dvc, git, reproduce
-from flows.handoff import check_commit, check_upstream, publish_lock_entry, write_lock_entries
+from flows.handoff import check_commit, check_directory_manifests, check_upstream, publish_lock_entry, write_lock_entries
 from tasks.params import PARAMS_FILE
 
 
@@ -35,8 +36,12 @@ def train_stage(stage: str, commit: str, params: dict[str, Any], upstream: dict[
         write_params(params, root / PARAMS_FILE)  # check_params, below, checks them with the commit's code
         write_lock_entries(upstream, root)
         inputs = [name for name in upstream if name != "check_params"]  # check_params' outputs are rebuilt here
-        if inputs:
-            dvc("pull", "--force", *inputs)
+        if inputs:  # fetched into the cache, their directory listings checked, then checked out
+            dvc("fetch", *inputs)
+            cache = Path(dvc("cache", "dir").stdout.strip())
+            for name in inputs:
+                check_directory_manifests(upstream[name], cache)
+            dvc("checkout", "--force", *inputs)
         reproduce("check_params", logger.info)
         reproduce(stage, logger.info)
         dvc("push", stage)
