@@ -1,8 +1,10 @@
-"""LoRA configuration: rank, scaling, dropout, init and target modules, validated on creation."""
+"""LoRA configuration: rank, scaling, dropout, init, target modules and per-layer rank and alpha patterns,
+validated on creation."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -33,7 +35,9 @@ MAX_RANK = 2**16  # far above any layer's side here; a typo like r=10**9 is refu
 class LoRAConfig:
     """Hyper-parameters of one adapter (Hu et al. 2021, arXiv 2106.09685).
 
-    scaling = alpha / r, or alpha / sqrt(r) with ``use_rslora`` (Kalajdzievski 2023).
+    scaling = alpha / r, or alpha / sqrt(r) with ``use_rslora`` (Kalajdzievski 2023). ``rank_pattern`` and
+    ``alpha_pattern`` give some layers another r or alpha, as PEFT's do: a key is a regular expression matched
+    against the end of a module's name (``linear2`` matches ``encoder.linear2``); the first key that matches wins.
     """
 
     r: int = 1
@@ -42,11 +46,16 @@ class LoRAConfig:
     init: str = "normal"
     use_rslora: bool = False
     target_modules: tuple[str, ...] = ()  # the names of the nn.Linear modules to adapt; required
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (list, str)):
             targets = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
             object.__setattr__(self, "target_modules", tuple(targets))
+        for name in ("rank_pattern", "alpha_pattern"):
+            if isinstance(getattr(self, name), dict):  # a copy: the frozen config must not change with the caller's dict
+                object.__setattr__(self, name, dict(getattr(self, name)))
         checks = [
             ("r", isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1, "an integer >= 1"),
             ("r", not isinstance(self.r, int) or self.r <= MAX_RANK, f"an integer up to {MAX_RANK}"),
@@ -56,15 +65,35 @@ class LoRAConfig:
             ("use_rslora", isinstance(self.use_rslora, bool), "true or false"),
             ("target_modules", bool(self.target_modules) and all(isinstance(t, str) and t for t in self.target_modules),
              "a non-empty list of the names of the nn.Linear modules to adapt"),
+            ("rank_pattern", _is_pattern(self.rank_pattern, _is_rank),
+             f"a mapping of module-name patterns (regular expressions) to integers 1..{MAX_RANK}"),
+            ("alpha_pattern", _is_pattern(self.alpha_pattern, lambda v: _is_number(v) and v > 0),
+             "a mapping of module-name patterns (regular expressions) to finite numbers > 0"),
         ]
         for name, ok, allowed in checks:
             if not ok:
                 value = getattr(self, name)
                 raise LoRAConfigError(name, list(value) if isinstance(value, tuple) else value, allowed)
 
+    def __hash__(self) -> int:
+        return hash((self.r, self.alpha, self.dropout, self.init, self.use_rslora, self.target_modules,
+                     frozenset(self.rank_pattern.items()), frozenset(self.alpha_pattern.items())))
+
     @property
     def scaling(self) -> float:
-        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+        """The scaling of a layer that no pattern names."""
+        return _scaling(self.alpha, self.r, self.use_rslora)
+
+    def rank_for(self, module_name: str) -> int:
+        """r of the layer named ``module_name``: its ``rank_pattern`` entry, else ``r``."""
+        return _pattern_value(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        """alpha of the layer named ``module_name``: its ``alpha_pattern`` entry, else ``alpha``."""
+        return _pattern_value(self.alpha_pattern, module_name, self.alpha)
+
+    def scaling_for(self, module_name: str) -> float:
+        return _scaling(self.alpha_for(module_name), self.rank_for(module_name), self.use_rslora)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -77,3 +106,32 @@ class LoRAConfig:
         if unknown:
             raise LoRAConfigError("keys", unknown, f"only {sorted(cls.__dataclass_fields__)}")
         return cls(**data)
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_RANK
+
+
+def _is_pattern(pattern: Any, valid_value: Any) -> bool:
+    if not isinstance(pattern, dict):
+        return False
+    for key, value in pattern.items():
+        if not isinstance(key, str) or not key or not valid_value(value):
+            return False
+        try:
+            re.compile(key)
+        except re.error:
+            return False
+    return True
+
+
+def _pattern_value(pattern: dict[str, Any], module_name: str, default: Any) -> Any:
+    # PEFT's get_pattern_key: the key must match the whole name or a dot-separated tail of it.
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def _scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r

@@ -2,7 +2,8 @@
 
 The wrapped layer is kept as ``base_layer`` and never copied. Its weight is only written by an
 explicit ``merge()``/``unmerge()``; the forward computes ``base_layer(x) + B(A(dropout(x)))·scale``, as
-PEFT does, and never materialises W + B·A.
+PEFT does, and never materialises W + B·A. With ``row_adapters`` set (see ``lora.model.adapter_per_row``)
+each row of the batch gets its own adapter, or none (:data:`BASE`).
 """
 from __future__ import annotations
 
@@ -14,16 +15,20 @@ from torch import nn
 from .config import LoRAConfig, LoRAConfigError
 
 
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+
+
 class LoRAMergeError(RuntimeError):
     """A merge or unmerge was refused; the base weights were left as they were."""
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base_layer: nn.Linear, adapter_name: str, config: LoRAConfig) -> None:
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, config: LoRAConfig, module_name: str = "") -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
         self.base_layer = base_layer
+        self.module_name = module_name  # what the config's rank_pattern and alpha_pattern are matched against
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -33,6 +38,7 @@ class LoRALinear(nn.Module):
         self.merged_adapter: str | None = None
         self.disabled = False
         self.inference_scale = 1.0  # multiplies the active adapter's delta: 0 = base, 1 = as trained
+        self.row_adapters: list[str] | None = None  # one adapter name (or BASE) per batch row, while set
         self.train(base_layer.training)  # wrapping a layer of a model in eval mode keeps it in eval mode (dropout off)
         self.add_adapter(adapter_name, config)
 
@@ -50,26 +56,28 @@ class LoRALinear(nn.Module):
 
     def check_adapter(self, name: str, config: LoRAConfig) -> None:
         """Raise, changing nothing, when adapter ``name`` with ``config`` cannot be added to this layer."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"adapter name {name!r} is invalid: a non-empty string without '.' is allowed")
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         # r above min(in, out) is allowed, as in PEFT: more parameters, but B·A's rank stays capped by that side;
         # above max(in, out) the adapter holds more numbers than the full weight's update could need.
-        limit = max(self.in_features, self.out_features)
-        if config.r > limit:
-            raise LoRAConfigError("r", config.r, f"at most {limit} for a {self.in_features} -> {self.out_features} layer")
+        limit, r = max(self.in_features, self.out_features), config.rank_for(self.module_name)
+        if r > limit:
+            raise LoRAConfigError("r", r, f"at most {limit} for a {self.in_features} -> {self.out_features} layer")
 
     def add_adapter(self, name: str, config: LoRAConfig) -> None:
         """Create adapter ``name`` (B = 0, A per ``config.init``). A new layer makes it active; on a layer
         that already has adapters the active one stays, as in PEFT."""
         self.check_adapter(name, config)
-        weight = self.base_layer.weight
+        weight, r = self.base_layer.weight, config.rank_for(self.module_name)
         factory = {"device": weight.device, "dtype": weight.dtype}
-        self.lora_A[name] = nn.Linear(self.in_features, config.r, bias=False, **factory)
-        self.lora_B[name] = nn.Linear(config.r, self.out_features, bias=False, **factory)
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **factory)
         self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             table[name].train(self.training)
-        self.scaling[name] = config.scaling
+        self.scaling[name] = config.scaling_for(self.module_name)
         self.configs[name] = config
         self.reset_adapter(name)
         if self.active_adapter is None:
@@ -82,7 +90,7 @@ class LoRALinear(nn.Module):
             if config.init == "normal":
                 nn.init.normal_(a, mean=0.0, std=1.0)
             elif config.init == "gaussian":
-                nn.init.normal_(a, mean=0.0, std=1.0 / config.r)
+                nn.init.normal_(a, mean=0.0, std=1.0 / a.shape[0])
             else:
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B[name].weight)
@@ -125,13 +133,32 @@ class LoRALinear(nn.Module):
         """ΔW = B·A·scale (times the inference scale), shaped like the base weight (out, in)."""
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * (self.scaling[name] * self.inference_scale)
 
+    def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """B(A(dropout(x)))·scale of adapter ``name``: what it adds to the base layer's output."""
+        return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * (self.scaling[name] * self.inference_scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        name = self.active_adapter
-        if self.disabled or self.merged or name not in self.lora_A or self.inference_scale == 0:
+        if self.disabled or self.merged or self.inference_scale == 0:
             return out
-        scale = self.scaling[name] * self.inference_scale
-        return out + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * scale
+        if self.row_adapters is not None:
+            return self.forward_per_row(x, out, self.row_adapters)
+        if self.active_adapter not in self.lora_A:
+            return out
+        return out + self.adapter_output(self.active_adapter, x)
+
+    def forward_per_row(self, x: torch.Tensor, out: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """Add to each row of the base output the delta of the adapter its row names; this layer's rows whose
+        adapter is BASE, or an adapter it lacks, keep the base output."""
+        if len(names) != x.shape[0]:
+            raise ValueError(f"adapter names: {len(names)} given for a batch of {x.shape[0]} rows; one per row is allowed")
+        if x.layout != torch.strided:  # rows of a sparse input cannot be selected; the base layer took it as it was
+            x = x.to_dense()
+        for name in dict.fromkeys(names):
+            if name in self.lora_A:
+                rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+                out = out.index_add(0, rows, self.adapter_output(name, x.index_select(0, rows)).to(out.dtype))
+        return out
 
     @torch.no_grad()
     def merged_weight(self, name: str | None = None) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Model-level LoRA operations: inject adapters by module name, freeze the base, switch, delete, merge, disable."""
+"""Model-level LoRA operations: inject adapters by module name, freeze the base, switch, delete, merge, disable,
+run a batch with an adapter per row, and unload the LoRA layers (merged or not)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig, LoRAConfigError
-from .layer import LoRALinear, LoRAMergeError
+from .layer import BASE, LoRALinear, LoRAMergeError
 
 DEFAULT_ADAPTER = "default"
 
@@ -38,9 +39,9 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = DEFAULT_ADA
             linears = sorted(n for n, m in modules.items() if isinstance(m, nn.Linear))
             raise LoRAConfigError("target_modules", target, f"the name of an nn.Linear of the model ({', '.join(linears)})")
         else:
-            limit = max(modules[target].in_features, modules[target].out_features)
-            if config.r > limit:
-                raise LoRAConfigError("r", config.r, f"at most {limit} for {target} "
+            limit, r = max(modules[target].in_features, modules[target].out_features), config.rank_for(target)
+            if r > limit:
+                raise LoRAConfigError("r", r, f"at most {limit} for {target} "
                                       f"({modules[target].in_features} -> {modules[target].out_features})")
     active = active_adapter(model) if existing else adapter_name
     for target in config.target_modules:
@@ -49,7 +50,7 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = DEFAULT_ADA
             continue
         parent_name, _, child = target.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoRALinear(modules[target], adapter_name, config)
+        layer = LoRALinear(modules[target], adapter_name, config, module_name=target)
         layer.active_adapter = active
         setattr(parent, child, layer)
     return model
@@ -164,3 +165,70 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer, was_disabled in zip(layers, previous):
             layer.disabled = was_disabled
+
+
+@contextmanager
+def adapter_per_row(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.Module]:
+    """Within the block each forward runs row i of the batch with adapter ``adapter_names[i]``, or with none
+    where it is :data:`BASE`, as PEFT's ``model(x, adapter_names=...)`` does. A layer that lacks a row's adapter
+    computes its base output for that row. Refused in training mode and while an adapter is merged."""
+    layers = list(lora_layers(model).values())
+    if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
+        raise TypeError(f"adapter_names={adapter_names!r} is invalid: a list of adapter names (or {BASE!r}) is allowed")
+    unknown = sorted(set(adapter_names) - _adapter_names(model) - {BASE})
+    if unknown:
+        raise KeyError(f"the model has no adapter named {unknown}; present: {sorted(_adapter_names(model))} (or {BASE!r})")
+    if model.training:
+        raise RuntimeError("a batch with an adapter per row is for inference: call model.eval() first")
+    if any(layer.merged for layer in layers):
+        raise LoRAMergeError("an adapter is merged: unmerge it before running a batch with an adapter per row")
+    names = list(adapter_names)
+    for layer in layers:
+        layer.row_adapters = names
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.row_adapters = None
+
+
+def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
+    """Fold the adapters (default: the active one) into the base weights and put each wrapped nn.Linear back in
+    its place, as PEFT's ``merge_and_unload``: the model is a plain model again. An adapter already merged with
+    :func:`merge` stays merged. All or nothing: every layer's weight is computed and checked before any is written."""
+    names = [active_adapter(model)] if adapter_names is None else list(adapter_names)
+    unknown = sorted(set(names) - _adapter_names(model))
+    if unknown or not names:
+        raise KeyError(f"the model has no adapter named {unknown or names}; present: {sorted(_adapter_names(model))}")
+    planned = []
+    with torch.no_grad():
+        for module_name, layer in lora_layers(model).items():
+            weight = layer.base_layer.weight
+            if layer.merged and layer.merged_adapter not in names:
+                raise LoRAMergeError(f"adapter {layer.merged_adapter!r} is merged into {module_name}, but not among "
+                                     f"{names}: unmerge it first")
+            deltas = [layer.delta_weight(n) for n in names if n in layer.lora_A and n != layer.merged_adapter]
+            merged = weight + sum(deltas).to(weight.dtype) if deltas else weight
+            if not torch.isfinite(merged).all():
+                raise LoRAMergeError(f"merging {names} into {module_name} would give non-finite weights; model left intact")
+            planned.append((layer, merged))
+        for layer, merged in planned:
+            if merged is not layer.base_layer.weight:
+                layer.base_layer.weight.copy_(merged)
+    return _unwrap(model)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Put each wrapped nn.Linear back in its place without merging, as PEFT's ``unload``: the original base
+    model again. Refused while an adapter is merged, whose delta would stay in the weights."""
+    merged = sorted({layer.merged_adapter for layer in lora_layers(model).values() if layer.merged})
+    if merged:
+        raise LoRAMergeError(f"adapter {merged[0]!r} is merged: unmerge it first, or call merge_and_unload")
+    return _unwrap(model)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    for module_name, layer in lora_layers(model).items():
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
+    return model

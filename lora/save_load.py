@@ -93,6 +93,8 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, to
             use_rslora=raw.get("use_rslora", False),
             target_modules=_target_list(raw["target_modules"]),
             init=provenance.get("lora_config", {}).get("init", "kaiming"),
+            rank_pattern=raw.get("rank_pattern") or {},
+            alpha_pattern=raw.get("alpha_pattern") or {},
         )
     except KeyError as exc:
         raise AdapterLoadError(f"{config_path}: missing key {exc.args[0]!r}") from None
@@ -101,6 +103,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, to
     recorded = provenance.get("lora_config")
     if recorded is not None:
         mismatched = sorted(k for k in ("r", "alpha", "use_rslora") if recorded.get(k) != getattr(config, k))
+        mismatched += [k for k in ("rank_pattern", "alpha_pattern") if (recorded.get(k) or {}) != getattr(config, k)]
         targets = recorded.get("target_modules")
         if not isinstance(targets, list) or sorted(map(str, targets)) != sorted(config.target_modules):
             mismatched.append("target_modules")
@@ -140,8 +143,9 @@ def load_adapter(
         base = module.base_layer if hasattr(module, "base_layer") else module
         if not isinstance(base, nn.Linear):
             raise AdapterLoadError(f"{weights_path}: target module {target!r} is not an nn.Linear of this model")
-        expected[f"{target}.lora_A.weight"] = (config.r, base.in_features)
-        expected[f"{target}.lora_B.weight"] = (base.out_features, config.r)
+        r = config.rank_for(target)
+        expected[f"{target}.lora_A.weight"] = (r, base.in_features)
+        expected[f"{target}.lora_B.weight"] = (base.out_features, r)
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
         raise AdapterLoadError(f"{weights_path}: tensors do not match the config: missing {missing}, unexpected {extra}")
@@ -187,6 +191,8 @@ def _peft_config(config: LoRAConfig) -> dict[str, Any]:
         "lora_dropout": config.dropout,
         "use_rslora": config.use_rslora,
         "target_modules": list(config.target_modules),
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
         "init_lora_weights": _peft_init(config),
         "bias": "none",
         "fan_in_fan_out": False,
@@ -198,8 +204,6 @@ def _peft_config(config: LoRAConfig) -> dict[str, Any]:
 # PEFT LoraConfig fields that change what an adapter computes, with the values plain LoRA has. An adapter
 # with any other value would load here and give other outputs than in PEFT, so it is refused.
 PLAIN_LORA = {
-    "alpha_pattern": lambda v: not v,
-    "rank_pattern": lambda v: not v,
     "init_lora_weights": lambda v: v in (True, False, "gaussian"),  # others (pissa, olora, …) change the base
     "use_dora": lambda v: not v,
     "bias": lambda v: v in (None, "none"),
@@ -229,8 +233,8 @@ def _unsupported_peft_field(raw: dict[str, Any]) -> str | None:
 
 def _peft_init(config: LoRAConfig) -> bool | str:
     """PEFT's name for the init, where PEFT has one: its "gaussian" is N(0, 1/r²), so our N(0, 1) at r = 1 too.
-    N(0, 1) at r > 1 has none; PEFT's default is written, and provenance keeps ours."""
-    if config.init == "gaussian" or (config.init == "normal" and config.r == 1):
+    N(0, 1) at any r > 1 has none; PEFT's default is written, and provenance keeps ours."""
+    if config.init == "gaussian" or (config.init == "normal" and {config.r, *config.rank_pattern.values()} == {1}):
         return "gaussian"
     return True
 

@@ -192,3 +192,11 @@ def test_saving_an_adapter_onto_a_regular_file_is_refused_and_keeps_the_file(tmp
     with pytest.raises(ValueError, match="is a file; an adapter is saved as a directory"):
         save_adapter(model, target)
     assert target.read_text() == "my notes"
+
+
+@pytest.mark.parametrize("name", ["v1.0", "", 3])
+def test_an_adapter_name_torch_cannot_hold_is_refused_before_any_layer_changes(name):
+    model = TinyMLP(40, 30)
+    with pytest.raises(ValueError, match=f"adapter name {name!r} is invalid: a non-empty string without '.' is allowed"):
+        inject(model, LoRAConfig(target_modules=TARGETS), name)
+    assert not lora_layers(model)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -228,11 +229,29 @@ def test_rslora_scales_by_alpha_over_sqrt_rank():
         ({"dropout": 1.0}, "dropout=1.0"),
         ({"init": "xavier"}, "init='xavier'"),
         ({"target_modules": ()}, "target_modules=[] is invalid"),
+        ({"rank_pattern": {"linear2": 0}}, "rank_pattern={'linear2': 0} is invalid: a mapping of module-name patterns"),
+        ({"rank_pattern": {"linear2": 2.5}}, "rank_pattern={'linear2': 2.5} is invalid"),
+        ({"rank_pattern": {"": 2}}, "rank_pattern={'': 2} is invalid"),
+        ({"rank_pattern": {"linear[": 2}}, "rank_pattern={'linear[': 2} is invalid"),
+        ({"rank_pattern": ["linear2"]}, "rank_pattern=['linear2'] is invalid"),
+        ({"alpha_pattern": {"linear1": -1}}, "alpha_pattern={'linear1': -1} is invalid: a mapping of module-name patterns (regular expressions) to finite numbers > 0"),
+        ({"alpha_pattern": {"linear1": True}}, "alpha_pattern={'linear1': True} is invalid"),
     ],
 )
 def test_bad_configs_are_rejected_with_the_value_named(kwargs, message):
-    with pytest.raises(LoRAConfigError, match=message.replace("(", r"\(").replace(".", r"\.").replace("[", r"\[")):
+    with pytest.raises(LoRAConfigError, match=re.escape(message)):
         LoRAConfig(**{"target_modules": TARGETS, **kwargs})
+
+
+def test_a_pattern_key_matches_a_whole_module_name_or_its_dotted_tail_and_the_first_match_wins():
+    config = LoRAConfig(r=2, alpha=4, target_modules=("x",), rank_pattern={"fc1": 8, "block\\.\\d\\.fc.": 3},
+                        alpha_pattern={"fc2": 1})
+    assert [config.rank_for(name) for name in ("fc1", "encoder.fc1", "fc10", "xfc1", "block.0.fc2", "fc2")] == [8, 8, 2, 2, 3, 2]
+    assert config.scaling_for("fc2") == 0.5 and config.scaling_for("fc1") == 0.5 and config.scaling_for("other") == 2.0
+    pattern = {"fc1": 8}
+    frozen = LoRAConfig(target_modules=("fc1",), rank_pattern=pattern)
+    pattern["fc1"] = 1
+    assert frozen.rank_for("fc1") == 8 and hash(frozen) == hash(LoRAConfig(target_modules=("fc1",), rank_pattern={"fc1": 8}))
 
 
 def test_target_modules_have_no_default_so_a_config_names_the_layers_of_its_own_model():

@@ -22,10 +22,13 @@ SUPPORTED = {
     "gaussian init": {"r": 3, "lora_alpha": 6, "init_lora_weights": "gaussian"},
     "no init": {"r": 2, "lora_alpha": 2, "init_lora_weights": False},
     "empty patterns": {"r": 2, "lora_alpha": 2, "rank_pattern": {}, "alpha_pattern": {}},
+    "rank pattern": {"r": 2, "lora_alpha": 2, "rank_pattern": {"linear2": 4}},
+    "alpha pattern": {"r": 2, "lora_alpha": 2, "alpha_pattern": {"linear1": 8, "linear3": 0.5}},
+    "both patterns, by regular expression": {"r": 3, "lora_alpha": 6, "rank_pattern": {"linear[23]": 1, "linear1": 5},
+                                             "alpha_pattern": {"linear[12]": 2}},
+    "rank pattern with rsLoRA": {"r": 4, "lora_alpha": 4, "use_rslora": True, "rank_pattern": {"linear3": 9}},
 }
 REFUSED = {
-    "alpha pattern": ({"r": 2, "lora_alpha": 2, "alpha_pattern": {"linear2": 8}}, "alpha_pattern={'linear2': 8} is not supported"),
-    "rank pattern": ({"r": 2, "lora_alpha": 2, "rank_pattern": {"linear2": 4}}, "rank_pattern={'linear2': 4} is not supported"),
     "PiSSA init": ({"r": 2, "lora_alpha": 2, "init_lora_weights": "pissa"}, "init_lora_weights='pissa' is not supported"),
     "OLoRA init": ({"r": 2, "lora_alpha": 2, "init_lora_weights": "olora"}, "init_lora_weights='olora' is not supported"),
     "DoRA": ({"r": 2, "lora_alpha": 2, "use_dora": True}, "use_dora=True is not supported"),
@@ -73,7 +76,8 @@ def test_an_adapter_saved_here_loads_in_peft_with_our_logits(tmp_path, options):
     ours = _base()
     inject(ours, LoRAConfig(r=options["r"], alpha=options["lora_alpha"], dropout=options.get("lora_dropout", 0.0),
                             use_rslora=options.get("use_rslora", False), init=init,
-                            target_modules=tuple(options.get("target_modules", TARGETS))))
+                            target_modules=tuple(options.get("target_modules", TARGETS)),
+                            rank_pattern=options.get("rank_pattern", {}), alpha_pattern=options.get("alpha_pattern", {})))
     torch.manual_seed(2)
     with torch.no_grad():
         for layer in lora_layers(ours).values():
