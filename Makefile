@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup repro experiments test test-fast bench bench-lora bench-cuda clean
+.PHONY: setup repro experiments test test-fast bench bench-lora bench-compose bench-cuda clean
 
 setup: $(STAMP)
 
@@ -40,11 +40,14 @@ test-fast: $(STAMP)
 
 # Benchmarks are run on demand, never as tests: stage times against the seed notebook, then LoRA layers; each writes
 # its tables into its docs page.
-bench: $(STAMP) bench-lora
+bench: $(STAMP) bench-lora bench-compose
 	PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 python -m bench.pipeline --write docs/performance.md
 
 bench-lora: $(STAMP)
 	$(BIN)/python -m bench.lora_layers --write docs/library.md
+
+bench-compose: $(STAMP)
+	$(BIN)/python -m bench.compose --write docs/experiments.md
 
 # On a GPU machine whose python3 already has torch (DVC not needed): the CUDA tests, then the CUDA benchmark.
 bench-cuda:

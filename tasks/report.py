@@ -41,8 +41,8 @@ def load_results(results: Path = EXPERIMENT_RESULTS) -> dict[str, list[dict[str,
             result = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DataError(f"{path}: not valid JSON ({exc}); {rebuild}") from None
-        if not isinstance(result, dict) or "digit" not in result:
-            raise DataError(f"{path}: not an experiment result (no 'digit'); {rebuild}")
+        if not isinstance(result, dict) or not {"digit", "variants"} & result.keys():
+            raise DataError(f"{path}: not an experiment result (no 'digit' or 'variants'); {rebuild}")
         groups.setdefault(group, []).append(result)
     return groups
 
@@ -311,6 +311,76 @@ def digit_adapters(runs: list[dict[str, Any]]) -> Section:
     return Section(lines, summary, {"digit_adapters": table}, {"digit_adapters": fig})
 
 
+FAMILIES = ("control", "combination", "routing", "control: random adapters")
+
+
+def compose(runs: list[dict[str, Any]]) -> Section:
+    """Ten adapters on one base: every combination, routing rule and control, against the base per digit."""
+    result = runs[0]
+    base, variants = result["base"], result["variants"]
+    digits = [str(d) for d in range(10)]
+    ordered = sorted(variants, key=lambda v: (FAMILIES.index(v["family"]), v["digits_worse"], -v["accuracy"]))
+    real = [v for v in variants if v["family"] in ("combination", "routing")]
+    closest = min(real, key=lambda v: (v["digits_worse"], -v["accuracy"]))
+    winners = [v for v in real if v["digits_better"] == 10]
+    base_macs = next(v["multiply_adds_per_image"] for v in variants if v["family"] == "control" and v["stored_bytes"] == 0)
+    table = [["variant", "family", "accuracy", "digits_worse", *(f"errors_digit_{d}" for d in digits)]] + [
+        [v["name"], v["family"], v["accuracy"], v["digits_worse"], *(v["errors_per_digit"][d] for d in digits)] for v in ordered
+    ]
+
+    fig, ax = pyplot().subplots(figsize=(7.5, 4.5))
+    floor = base["accuracy"] - 0.03  # the region where a variant could beat the base; the rest is counted, not drawn
+    for family, marker in zip(FAMILIES, "o^sx"):
+        members = [v for v in variants if v["family"] == family and v["accuracy"] >= floor]
+        ax.scatter([v["accuracy"] for v in members], [v["digits_worse"] for v in members], marker=marker, label=family, alpha=0.8)
+    ax.axvline(base["accuracy"], color="black", linewidth=1, linestyle="--", label="base model's accuracy")
+    ax.set_xlim(floor, max(v["accuracy"] for v in variants) + 0.005)
+    ax.set_ylim(-0.5, 10.5)
+    ax.set_xlabel("test accuracy")
+    ax.set_ylabel("digits with more test errors than the base")
+    hidden = sum(v["accuracy"] < floor for v in variants)
+    ax.set_title(f"Ten digit adapters on one base ({hidden} variants below {floor:.2f} accuracy not drawn)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+
+    if winners:
+        answer = (f"**Yes.** {len(winners)} variant(s) have fewer test errors than the base on all ten digits; the most "
+                  f"accurate, {max(winners, key=lambda v: v['accuracy'])['name']}, reaches "
+                  f"{max(v['accuracy'] for v in winners):.4f} against the base's {base['accuracy']:.4f}.")
+    else:
+        answer = (f"**No.** No combination or routing rule beats the base on every digit. The closest, "
+                  f"{closest['name']}, is worse on {closest['digits_worse']}, equal on "
+                  f"{10 - closest['digits_worse'] - closest['digits_better']} and better on {closest['digits_better']} "
+                  f"of the ten digits, at accuracy {closest['accuracy']:.4f} against the base's {base['accuracy']:.4f}.")
+    lines = [
+        "## Ten adapters, one base",
+        "",
+        "Can the frozen base plus the ten per-digit adapters beat the base on every digit? Each combination of "
+        "`lora.add_weighted_adapter` (PEFT's types) makes the ten one adapter at three weightings; each routing rule "
+        "picks an adapter per test image from the base model's own top predictions (`lora.adapter_per_row`, never the "
+        "label). Controls: the base, the best single adapter, the replay-0.5 adapter, and ten random adapters with the "
+        "real ones' per-layer norms, combined and routed the same ways. Weights and choices use "
+        f"{result['selection']}; the test set is only scored.",
+        "",
+        answer,
+        "",
+        "![compose](plots/compose.png)",
+        "",
+        "| variant | family | accuracy | digits worse | better | " + " | ".join(digits) + " | stored | multiply-adds × base |",
+        "|---|---|---:|---:|---:|" + "---:|" * 10 + "---:|---:|",
+        *(f"| {v['name']} | {v['family']} | {v['accuracy']:.4f} | {v['digits_worse']} | {v['digits_better']} | "
+          + " | ".join(str(v["errors_per_digit"][d]) for d in digits)
+          + f" | {_bytes(v['stored_bytes']) if v['stored_bytes'] else '–'} | {v['multiply_adds_per_image'] / base_macs:.2f} |"
+          for v in ordered),
+        "",
+        "Stored: the adapter weights a variant needs beside the base (routing keeps all ten). Multiply-adds: per image, "
+        "against the base model's one forward; measured forward times are in [docs/experiments.md](../docs/experiments.md).",
+        "",
+    ]
+    summary = {v["name"]: {"accuracy": v["accuracy"], "digits_worse": v["digits_worse"]} for v in ordered}
+    return Section(lines, summary, {"compose": table}, {"compose": fig})
+
+
 # The experiment groups, in report order: each is a stage of experiments/dvc.yaml (tests/test_dvc_graph.py).
 SECTIONS: dict[str, Callable[[list[dict[str, Any]]], Section]] = {
     "rank_sweep": rank_sweep,
@@ -318,6 +388,7 @@ SECTIONS: dict[str, Callable[[list[dict[str, Any]]], Section]] = {
     "replay_sweep": replay_sweep,
     "full_finetune": full_finetune,
     "digit_adapters": digit_adapters,
+    "compose": compose,
 }
 
 

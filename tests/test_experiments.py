@@ -133,6 +133,19 @@ def write_fixture_results(root: Path) -> None:
         "lora": {**row, "errors_per_digit": per_digit([5, 10] + [6] * 8)},
         "full": {**row, "trainable_parameters": 1000, "errors_per_digit": per_digit([9, 0] + [20] * 8)},
     }))
+    (results / "compose.json").write_text(json.dumps(compose_result(base, {"cat, each 1": [4, 20, 6] + [4] * 7})))
+
+
+def compose_result(base: list[int], combined: dict[str, list[int]]) -> dict:
+    """A compose stage result: the base, a random control and the given combinations' errors per digit."""
+    def variant(name: str, family: str, errors: list[int], stored: int) -> dict:
+        return {"name": name, "family": family, "accuracy": round(1 - sum(errors) / 1000, 6), "errors_per_digit": per_digit(errors),
+                "digits_worse": sum(e > b for e, b in zip(errors, base)), "digits_better": sum(e < b for e, b in zip(errors, base)),
+                "selection_accuracy": 0.9, "stored_bytes": stored, "multiply_adds_per_image": 200 if stored else 100}
+    return {"name": "compose", "selection": "the last 10 training images",
+            "base": {"accuracy": round(1 - sum(base) / 1000, 6), "errors_per_digit": per_digit(base)},
+            "variants": [variant("base model", "control", base, 0), variant("random cat, each 1", "control: random adapters", [9] * 10, 2048),
+                         *(variant(name, "combination", errors, 1024) for name, errors in combined.items())]}
 
 
 def test_report_builds_every_section_from_small_fixture_results(tmp_path, monkeypatch):
@@ -142,7 +155,7 @@ def test_report_builds_every_section_from_small_fixture_results(tmp_path, monkey
 
     text = (tmp_path / "experiments/report.md").read_text()
     for heading in ("## Rank sweep", "## Variance over seeds", "## Forgetting and how to trade it",
-                    "## LoRA against full fine-tuning", "## One adapter per digit"):
+                    "## LoRA against full fine-tuning", "## One adapter per digit", "## Ten adapters, one base"):
         assert heading in text
     assert "Not run" not in text
     # seeds: base accuracy 1 - 95/1000 and 1 - 85/1000; target errors 50 and 40 -> 10 and 6
@@ -158,12 +171,28 @@ def test_report_builds_every_section_from_small_fixture_results(tmp_path, monkey
     assert summary["digit_adapters"]["digit-1"] == {"digit_errors_change": -49, "accuracy": 0.954}
     assert "| 4 | 4 | 1 | 6,794 | 27.1 KiB | 2 | 54 | 0.9440 |" in text
     assert "| 1 | 0 | **-49** | 0 |" in text  # the digit-1 adapter's row: 50 -> 1 errors on 1, others unchanged
-    for name in ("rank_sweep", "frontier", "digit_adapters"):
+    # compose: the cat combination is worse only on digit 2 (6 > 5); base 95 errors of 1000
+    assert "**No.** No combination or routing rule beats the base on every digit. The closest, cat, each 1, is worse on 1, equal on 0 and better on 9 of the ten digits, at accuracy 0.9420 against the base's 0.9050." in text
+    assert "| cat, each 1 | combination | 0.9420 | 1 | 9 | 4 | 20 | 6 | 4 | 4 | 4 | 4 | 4 | 4 | 4 | 1.0 KiB | 2.00 |" in text
+    assert summary["compose"]["random cat, each 1"] == {"accuracy": 0.91, "digits_worse": 9}
+    for name in ("rank_sweep", "frontier", "digit_adapters", "compose"):
         assert (tmp_path / f"experiments/plots/{name}.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "experiments/plots/rank_sweep.csv").read_text().splitlines()[0] == (
         "rank,digit_errors_alpha1,digit_errors_alpha4,accuracy_alpha1,accuracy_alpha4"
     )
     assert json.loads((tmp_path / "experiments/metrics.json").read_text()) == json.loads(json.dumps(summary))
+
+
+def test_the_compose_section_says_yes_when_a_variant_beats_the_base_on_every_digit(tmp_path, monkeypatch):
+    base = [5] * 10
+    result = compose_result(base, {"svd, each 1/10": [4] * 10, "ties, each 1": [3] * 9 + [5]})
+    (tmp_path / "experiments/results").mkdir(parents=True)
+    (tmp_path / "experiments/results/compose.json").write_text(json.dumps(result))
+    monkeypatch.chdir(tmp_path)
+    report.run()
+    text = (tmp_path / "experiments/report.md").read_text()
+    assert "**Yes.** 1 variant(s) have fewer test errors than the base on all ten digits; the most accurate, " \
+           "svd, each 1/10, reaches 0.9600 against the base's 0.9500." in text
 
 
 def test_report_names_the_experiments_without_results(tmp_path, monkeypatch):

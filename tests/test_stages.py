@@ -238,3 +238,55 @@ def test_a_stage_that_would_not_fit_in_memory_says_so_before_loading(project, mo
     with pytest.raises(ResourceError, match=r"pretrain needs about \d+\.\d GiB of memory but 0\.2 GiB is available"):
         pretrain.run(load_params())
     assert not BASE_WEIGHTS.exists()
+
+
+def test_compose_scores_every_combination_routing_rule_and_control_against_the_base(project):
+    from tasks import compose, trial
+
+    pretrain.run(load_params())
+    for digit in range(10):
+        trial.run(load_params(), f"digit_adapters/digit-{digit}", {"finetune.digit": digit}, pretrain=False)
+    trial.run(load_params(), "replay_sweep/replay-0.5", {"finetune.replay_fraction": 0.5}, pretrain=False)
+    result = compose.run(load_params())
+
+    variants = {v["name"]: v for v in result["variants"]}
+    per_pool = len(compose.COMBINATIONS) * 3 + 2  # every combination at three weightings, two routing rules
+    assert len(variants) == len(result["variants"]) == 3 + 2 * per_pool
+    assert [v["family"] for v in result["variants"]].count("control: random adapters") == per_pool
+    base = variants["base model"]
+    assert base["errors_per_digit"] == result["base"]["errors_per_digit"] and base["digits_worse"] == 0
+    for v in variants.values():
+        worse = sum(v["errors_per_digit"][d] > base["errors_per_digit"][d] for d in map(str, range(10)))
+        assert v["digits_worse"] == worse and 0 <= v["accuracy"] <= 1
+    # a combined adapter is one file of rank 1 (linear) or 10 (cat); routing keeps the ten adapters' files
+    assert variants["cat, each 1"]["stored_bytes"] > variants["linear, each 1"]["stored_bytes"] > 0
+    alone = json.loads((project / "experiments/results/digit_adapters/digit-0.json").read_text())["adapter_file_bytes"]
+    assert variants["route to the base's prediction"]["stored_bytes"] == 10 * alone
+    assert variants["route by confidence, top 2"]["multiply_adds_per_image"] > variants["route to the base's prediction"]["multiply_adds_per_image"]
+    assert json.loads((project / "experiments/results/compose.json").read_text()) == json.loads(json.dumps(result))
+
+
+def test_routing_follows_the_base_models_ranking_and_each_row_runs_its_own_adapter(project):
+    from lora import LoRAConfig, inject, lora_layers, set_adapter
+    from lora_mnist.compose import predict_per_row, route_by_prediction
+    from lora_mnist.metrics import predict
+    from lora_mnist.mlp import OversizedMLP
+
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 5.0]])
+    names = {0: "zero", 1: "one", 2: "two"}
+    assert route_by_prediction(logits, names) == ["one", "two"] and route_by_prediction(logits, names, 1) == ["two", "zero"]
+
+    torch.manual_seed(0)
+    model = OversizedMLP(64, 32)
+    for name in ("a", "b"):
+        inject(model, LoRAConfig(target_modules=("linear1", "linear2", "linear3")), name)
+        for layer in lora_layers(model).values():
+            torch.nn.init.normal_(layer.lora_B[name].weight, std=0.5)
+    images = torch.rand(7, 28, 28)
+    rows = ["a", "b", "b", "a", "b", "a", "a"]
+    mixed = predict_per_row(model, images, rows, "auto", batch_size=3)  # batches cut across the rows' adapters
+    for name in ("a", "b"):
+        set_adapter(model, name)
+        alone = predict(model, images, "torch")
+        chosen = [i for i, row in enumerate(rows) if row == name]
+        torch.testing.assert_close(mixed[chosen], alone[chosen], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,61 @@
+"""Many adapters on one base: routing rules that pick an adapter per image from the base model's own
+predictions (never the label), and norm-matched random adapters as the control for any combination."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lora import adapter_per_row, lora_layers
+
+from .backend import evaluation_forward
+
+
+def add_random_like(model: nn.Module, adapter: str, name: str, generator: torch.Generator) -> None:
+    """Add adapter ``name``: random A and B with, layer by layer, the Frobenius norms of ``adapter``'s."""
+    for layer in lora_layers(model).values():
+        if adapter in layer.lora_A:
+            layer.add_adapter(name, layer.configs[adapter])
+            with torch.no_grad():
+                for table in (layer.lora_A, layer.lora_B):
+                    like = table[adapter].weight
+                    drawn = torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
+                    table[name].weight.copy_(drawn * (like.norm() / drawn.norm()))
+
+
+def route_by_prediction(base_logits: torch.Tensor, adapter_of_digit: dict[int, str], place: int = 0) -> list[str]:
+    """For each image, the adapter of the digit the base model ranks at ``place`` (0: its prediction)."""
+    digits = base_logits.topk(place + 1, dim=1).indices[:, place]
+    return [adapter_of_digit[int(d)] for d in digits]
+
+
+@torch.inference_mode()
+def predict_per_row(model: nn.Module, images: torch.Tensor, names: list[str], backend: str,
+                    batch_size: int = 2500) -> torch.Tensor:
+    """Logits with image i run through adapter ``names[i]``, in batches, on CPU."""
+    device = next(model.parameters()).device
+    model.eval()
+    logits = []
+    for start in range(0, images.shape[0], batch_size):
+        with adapter_per_row(model, names[start:start + batch_size]):
+            logits.append(evaluation_forward(model, images[start:start + batch_size].to(device), backend).cpu())
+    return torch.cat(logits)
+
+
+def route_by_confidence(model: nn.Module, images: torch.Tensor, base_logits: torch.Tensor,
+                        adapter_of_digit: dict[int, str], backend: str) -> torch.Tensor:
+    """The adapters of the base model's two likeliest digits each classify the image; the one whose top
+    softmax probability is higher decides (three forwards per image)."""
+    first = predict_per_row(model, images, route_by_prediction(base_logits, adapter_of_digit, 0), backend)
+    second = predict_per_row(model, images, route_by_prediction(base_logits, adapter_of_digit, 1), backend)
+    second_wins = second.softmax(dim=1).amax(dim=1) > first.softmax(dim=1).amax(dim=1)
+    return torch.where(second_wins[:, None], second, first)
+
+
+def multiply_adds(model: nn.Module, adapters: list[str]) -> int:
+    """Multiply-adds per image of one forward through the base layers plus ``adapters``' A and B."""
+    total = 0
+    for layer in lora_layers(model).values():
+        total += layer.in_features * layer.out_features
+        total += sum(layer.lora_A[a].out_features * (layer.in_features + layer.out_features)
+                     for a in adapters if a in layer.lora_A)
+    return total
