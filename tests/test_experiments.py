@@ -224,6 +224,9 @@ def test_experiment_matrices_expand_to_every_grid_point_in_dvcs_dry_run(git_repo
                  *(f"data/mnist/raw/{name}" for name in MNIST_SHA256)]:
         (git_repo / path).parent.mkdir(parents=True, exist_ok=True)
         (git_repo / path).write_bytes(b"placeholder")
+    for trial in [*(f"digit_adapters/digit-{d}" for d in range(10)), "replay_sweep/replay-0.5"]:  # compose's inputs
+        (git_repo / "experiments/models" / trial / "adapter").mkdir(parents=True)
+        (git_repo / "experiments/models" / trial / "adapter" / "adapter_config.json").write_bytes(b"placeholder")
     output = sh(git_repo, "dvc", "repro", "--dry", "experiments/dvc.yaml")
     stages = dict(re.findall(r"Running stage 'experiments/dvc.yaml:([^']+)':\n> (.+)", output))
     assert {name for name in stages if name.startswith("rank_sweep@")} == {
@@ -236,6 +239,7 @@ def test_experiment_matrices_expand_to_every_grid_point_in_dvcs_dry_run(git_repo
     assert sum(name.startswith("digit_adapters@") for name in stages) == 10
     assert sum(name.startswith("seeds@") for name in stages) == 5
     assert sum(name.startswith("replay_sweep@") for name in stages) == 6
+    assert stages["compose"] == "python -m tasks.compose"
     assert "full_finetune" in stages and "'experiments/dvc.yaml:report'" in output
     # The root pipeline alone is what a plain `dvc repro` runs.
     assert "experiments/dvc.yaml" not in sh(git_repo, "dvc", "repro", "--dry")
@@ -271,6 +275,6 @@ def test_experiment_stages_run_on_real_mnist_and_the_report_builds_from_them(git
     assert seed["seed"] == 1 and seed["pretrained_here"] and seed["base"]["accuracy"] > 0.85
     text = (git_repo / "experiments/report.md").read_text()
     assert "## One adapter per digit" in text and "## LoRA against full fine-tuning" in text
-    assert "No results yet for: rank_sweep, replay_sweep." in text
+    assert "No results yet for: rank_sweep, replay_sweep, compose." in text
     status = sh(git_repo, "dvc", "status", *(f"experiments/dvc.yaml:{stage}" for stage in stages))
     assert "up to date" in status
