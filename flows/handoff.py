@@ -128,6 +128,16 @@ def check_directory_manifests(entry: dict[str, Any], cache: Path) -> None:
                 raise HandoffRefused(f"the returned {item['path']} lists a file {relpath!r} outside itself")
 
 
+def fetch_checked(entries: dict[str, dict[str, Any]], root: Path) -> None:
+    """Fetch the outputs of the stages ``entries`` names into the DVC cache (`dvc fetch`), refuse any directory
+    among them that lists a file outside itself, and only then check them out into the workspace."""
+    dvc("fetch", *entries, cwd=root)
+    cache = Path(dvc("cache", "dir", cwd=root).stdout.strip())
+    for entry in entries.values():
+        check_directory_manifests(entry, cache)
+    dvc("checkout", "--force", *entries, cwd=root)
+
+
 def accept_lock_entry(stage: str, entry: Any, root: Path) -> None:
     """Take a stage's dvc.lock entry back from a worker: checked against dvc.yaml, then against this checkout's
     own dependencies (`dvc status`); its outputs fetched into the cache by hash (`dvc fetch`), their directory
@@ -139,9 +149,7 @@ def accept_lock_entry(stage: str, entry: Any, root: Path) -> None:
         changed = [key for item in status for key in ([item] if isinstance(item, str) else item) if key != "changed outs"]
         if changed:
             raise HandoffRefused(f"the dvc.lock entry for {stage} does not match this checkout ({', '.join(changed)})")
-        dvc("fetch", stage, cwd=root)  # into the cache only: the workspace is untouched
-        check_directory_manifests(entry, Path(dvc("cache", "dir", cwd=root).stdout.strip()))
-        dvc("checkout", "--force", stage, cwd=root)
+        fetch_checked({stage: entry}, root)
     except BaseException:
         restore_lock(before, root)
         raise

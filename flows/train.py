@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.dvc_stage import TRAINING_STAGES, checkout_lock, dvc, git, reproduce
-from flows.handoff import check_commit, check_directory_manifests, check_upstream, publish_lock_entry, write_lock_entries
+from flows.handoff import check_commit, check_upstream, fetch_checked, publish_lock_entry, write_lock_entries
 from tasks.params import PARAMS_FILE
 
 
@@ -36,12 +36,8 @@ def train_stage(stage: str, commit: str, params: dict[str, Any], upstream: dict[
         write_params(params, root / PARAMS_FILE)  # check_params, below, checks them with the commit's code
         write_lock_entries(upstream, root)
         inputs = [name for name in upstream if name != "check_params"]  # check_params' outputs are rebuilt here
-        if inputs:  # fetched into the cache, their directory listings checked, then checked out
-            dvc("fetch", *inputs)
-            cache = Path(dvc("cache", "dir").stdout.strip())
-            for name in inputs:
-                check_directory_manifests(upstream[name], cache)
-            dvc("checkout", "--force", *inputs)
+        if inputs:
+            fetch_checked({name: upstream[name] for name in inputs}, root)
         reproduce("check_params", logger.info)
         reproduce(stage, logger.info)
         dvc("push", stage)
