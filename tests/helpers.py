@@ -2,10 +2,15 @@
 tests, params for quick stage runs, and commands run in temporary repositories."""
 from __future__ import annotations
 
+import ast
+import getpass
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -169,8 +174,6 @@ def _module_file(name: str) -> Path | None:
 def imported_modules(path: Path, module: str) -> set[str]:
     """Every module ``path`` (the source of ``module``) imports, at any depth of its code, relative imports resolved;
     ``from a import b`` counts as ``a`` and as ``a.b`` (b may be a module)."""
-    import ast
-
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -189,8 +192,6 @@ def imported_modules(path: Path, module: str) -> set[str]:
 def source_closure(module: str) -> set[str]:
     """The project files that running ``module`` reads as code: every project module it imports, directly or not
     (packages' __init__ included), and the C sources those modules name beside themselves."""
-    import ast
-
     files: set[Path] = set()
     todo, seen = [module], set()
     while todo:
@@ -224,8 +225,6 @@ def project_modules() -> dict[str, Path]:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -235,8 +234,6 @@ def start_sshd(directory: Path) -> tuple[subprocess.Popen, dict[str, str]]:
     """Debian's sshd on a free 127.0.0.1 port, with keys generated in ``directory``; returns the process and the
     environment under which ssh clients (git, DVC's asyncssh) log in to it: a HOME whose ~/.ssh holds the key and
     the server's host key, as on a user's machine."""
-    import getpass
-
     home = directory / "home"
     (home / ".ssh").mkdir(parents=True)
     for key in (directory / "host_ed25519", home / ".ssh" / "id_ed25519"):
@@ -255,13 +252,9 @@ def start_sshd(directory: Path) -> tuple[subprocess.Popen, dict[str, str]]:
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory, absent until it first runs
     server = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(directory / "sshd_config")],
                               stdout=open(directory / "sshd.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    import time
-
     deadline = time.monotonic() + 20
     while True:
         try:
-            import socket
-
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             break
         except OSError:
@@ -275,7 +268,5 @@ def start_sshd(directory: Path) -> tuple[subprocess.Popen, dict[str, str]]:
 
 def changed_params(repo: Path, experiment: str, env: dict[str, str] | None = None) -> dict[str, tuple]:
     """{key: (value at HEAD, value in ``experiment``)} for each param `dvc params diff` finds changed."""
-    import json
-
     diff = json.loads(sh(repo, "dvc", "params", "diff", "HEAD", experiment, "--json", env=env))
     return {key: (change["old"], change["new"]) for key, change in diff.get("params.yaml", {}).items()}
