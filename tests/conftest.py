@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,15 @@ def dvc_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def git_repo(repo_copy: Path, dvc_cache: Path) -> Path:
     """The working tree in a fresh git repo with one commit, set to a short training schedule, on the shared
     DVC cache."""
+    set_params(repo_copy / "params.yaml", **SHORT_SCHEDULE)
+    return init_repo(repo_copy, dvc_cache=dvc_cache)
+
+
+@pytest.fixture
+def pipeline_repo(repo_copy: Path, dvc_cache: Path) -> Path:
+    """As git_repo, with the main pipeline alone: experiments/, a second pipeline whose 8,000-line dvc.lock every
+    `dvc` command would parse (about 0.7 s each), is left out of the copy."""
+    shutil.rmtree(repo_copy / "experiments")
     set_params(repo_copy / "params.yaml", **SHORT_SCHEDULE)
     return init_repo(repo_copy, dvc_cache=dvc_cache)
 

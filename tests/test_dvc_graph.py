@@ -125,35 +125,35 @@ def test_the_registry_declares_the_models_and_its_meta_describes_the_committed_r
 
 
 @pytest.mark.slow
-def test_a_change_reruns_only_the_stages_that_import_it_and_forced_reruns_change_no_tracked_file(git_repo):
+def test_a_change_reruns_only_the_stages_that_import_it_and_forced_reruns_change_no_tracked_file(pipeline_repo):
     tiny = {"model.hidden_1": 64, "model.hidden_2": 32, "pretrain.max_steps": 200, "finetune.steps": 20}
-    set_params(git_repo / "params.yaml", **tiny)
-    sh(git_repo, "dvc", "repro")
-    sh(git_repo, "git", "add", "-A")
-    sh(git_repo, "git", "commit", "-qm", "tiny run")
+    set_params(pipeline_repo / "params.yaml", **tiny)
+    sh(pipeline_repo, "dvc", "repro")
+    sh(pipeline_repo, "git", "add", "-A")
+    sh(pipeline_repo, "git", "commit", "-qm", "tiny run")
 
     def changed_stages() -> set[str]:
-        result = subprocess.run(["dvc", "status", "--json", "dvc.yaml"], cwd=git_repo, env=run_env(), capture_output=True,
+        result = subprocess.run(["dvc", "status", "--json", "dvc.yaml"], cwd=pipeline_repo, env=run_env(), capture_output=True,
                                 text=True, check=True)
         status = json.loads(result.stdout)
         return {name for name, changes in status.items()
                 if any("changed deps" in change or "changed command" in change for change in changes if isinstance(change, dict))}
 
-    layer = git_repo / "lora" / "layer.py"
+    layer = pipeline_repo / "lora" / "layer.py"
     original = layer.read_text()
     layer.write_text(original.replace('"""LoRALinear:', '"""LoRALinear (a docstring edit):', 1))
     assert changed_stages() == {"check_params", "finetune", "evaluate"}  # check_params validates lora with LoRAConfig
     layer.write_text(original)
 
-    mlp = git_repo / "lora_mnist" / "mlp.py"
+    mlp = pipeline_repo / "lora_mnist" / "mlp.py"
     original = mlp.read_text()
     mlp.write_text(original + "\n# an edit of the MLP's module\n")
     assert changed_stages() == {"check_params", "pretrain", "analyze", "finetune", "evaluate"}
     mlp.write_text(original)
     assert changed_stages() == set()
 
-    sh(git_repo, "dvc", "repro", "--force")  # a second run of every stage: the same bytes in every tracked file
-    assert sh(git_repo, "git", "status", "--porcelain") == ""
+    sh(pipeline_repo, "dvc", "repro", "--force")  # a second run of every stage: the same bytes in every tracked file
+    assert sh(pipeline_repo, "git", "status", "--porcelain") == ""
 
 
 TINY = {"model.hidden_1": 64, "model.hidden_2": 32, "pretrain.max_steps": 200, "finetune.steps": 20}
@@ -164,24 +164,24 @@ BAD_VALUES = [  # one per section of params.yaml; `true` is what DVC's `==` woul
 
 
 @pytest.mark.slow
-def test_a_refused_param_through_dvc_exp_run_or_dvc_repro_leaves_every_output_byte_for_byte(git_repo):
-    set_params(git_repo / "params.yaml", **TINY)
-    sh(git_repo, "dvc", "repro")
-    sh(git_repo, "git", "add", "-A")
-    sh(git_repo, "git", "commit", "-qm", "tiny run")
+def test_a_refused_param_through_dvc_exp_run_or_dvc_repro_leaves_every_output_byte_for_byte(pipeline_repo):
+    set_params(pipeline_repo / "params.yaml", **TINY)
+    sh(pipeline_repo, "dvc", "repro")
+    sh(pipeline_repo, "git", "add", "-A")
+    sh(pipeline_repo, "git", "commit", "-qm", "tiny run")
     outputs = ["data", "models", "metrics", "reports", "dvclive", "checked_params"]
 
     def snapshot() -> dict[str, bytes]:
-        return {str(path): path.read_bytes() for name in outputs for path in sorted((git_repo / name).rglob("*")) if path.is_file()}
+        return {str(path): path.read_bytes() for name in outputs for path in sorted((pipeline_repo / name).rglob("*")) if path.is_file()}
 
     before = snapshot()
     for bad in BAD_VALUES:
-        result = subprocess.run(["dvc", "exp", "run", "-S", bad], cwd=git_repo, env=run_env(), capture_output=True, text=True)
+        result = subprocess.run(["dvc", "exp", "run", "-S", bad], cwd=pipeline_repo, env=run_env(), capture_output=True, text=True)
         errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error: params.yaml")]
         assert result.returncode != 0 and len(errors) == 1, (bad, result.stdout + result.stderr)
         assert snapshot() == before, bad
-        sh(git_repo, "git", "checkout", "params.yaml")
-    (git_repo / "params.yaml").write_text((git_repo / "params.yaml").read_text() + "typo: 1\n")  # by hand, then `dvc repro`
-    result = subprocess.run(["dvc", "repro"], cwd=git_repo, env=run_env(), capture_output=True, text=True)
+        sh(pipeline_repo, "git", "checkout", "params.yaml")
+    (pipeline_repo / "params.yaml").write_text((pipeline_repo / "params.yaml").read_text() + "typo: 1\n")  # by hand, then `dvc repro`
+    result = subprocess.run(["dvc", "repro"], cwd=pipeline_repo, env=run_env(), capture_output=True, text=True)
     assert result.returncode != 0 and "error: params.yaml: unknown key 'typo'" in result.stdout + result.stderr
     assert snapshot() == before

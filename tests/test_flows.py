@@ -25,14 +25,24 @@ def prefect_server():
         yield
 
 
-@pytest.fixture
-def flow_repo(git_repo: Path, prefect_server, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A short-schedule git repo as the working directory of in-process flow runs."""
+def _flow_checkout(repo: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for key, value in run_env().items():
         if key.startswith("GIT_") or key == "MNIST_SOURCE_DIR":
             monkeypatch.setenv(key, value)
-    monkeypatch.chdir(git_repo)
-    return git_repo
+    monkeypatch.chdir(repo)
+    return repo
+
+
+@pytest.fixture
+def flow_repo(pipeline_repo: Path, prefect_server, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A short-schedule git repo of the main pipeline as the working directory of in-process flow runs."""
+    return _flow_checkout(pipeline_repo, monkeypatch)
+
+
+@pytest.fixture
+def experiments_repo(git_repo: Path, prefect_server, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The same with the experiments pipeline too."""
+    return _flow_checkout(git_repo, monkeypatch)
 
 
 def ran(result: dict) -> dict[str, str]:
@@ -169,10 +179,10 @@ def test_a_failing_stage_fails_the_flow_with_the_stages_own_error(flow_repo):
         pipeline(training="local")
 
 
-def test_experiments_flow_runs_the_chosen_groups_then_publishes_the_report(flow_repo):
+def test_experiments_flow_runs_the_chosen_groups_then_publishes_the_report(experiments_repo):
     from flows.experiments import experiments
 
-    shutil.rmtree(flow_repo / "experiments" / "results")  # the committed real results; only this run's will be there
+    shutil.rmtree(experiments_repo / "experiments" / "results")  # the committed real results; only this run's will be there
     first = experiments(groups=["full_finetune"])
     assert ran(first) == {"check_params": "here", "download": "here", "pretrain": "here",
                           "experiments/dvc.yaml:full_finetune": "here", "experiments/dvc.yaml:report": "here"}

@@ -72,10 +72,10 @@ def prefect_env(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 
 def test_deployed_pipeline_trains_in_process_without_a_remote_then_on_the_gpu_pool_through_git_and_an_ssh_remote(
-        git_repo, prefect_env, ssh_server, tmp_path, dvc_cache):
+        pipeline_repo, prefect_env, ssh_server, tmp_path, dvc_cache):
     shared_git = tmp_path / "shared.git"
     remote = f"ssh://{ssh_server['SSH_USER']}@127.0.0.1:{ssh_server['SSH_PORT']}{tmp_path / 'dvc-remote'}"
-    sh(tmp_path, "git", "clone", "-q", "--bare", str(git_repo), str(shared_git))
+    sh(tmp_path, "git", "clone", "-q", "--bare", str(pipeline_repo), str(shared_git))
     env = dict(prefect_env, HOME=ssh_server["HOME"], LORA_KERNEL_CACHE=ssh_server["LORA_KERNEL_CACHE"],
                LORA_MNIST_GIT_REMOTE=f"file://{shared_git}")  # file://: git_clone's depth-1 clone is shallow
     cpu_checkout, gpu_machine = tmp_path / "cpu-machine", tmp_path / "gpu-machine"
