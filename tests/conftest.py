@@ -13,6 +13,11 @@ from tests.helpers import SHORT_SCHEDULE, copy_working_tree, init_repo, set_para
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first: on two workers, a minutes-long test that starts last leaves the other worker idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A working directory holding params.yaml and synthetic IDX files in data/mnist/raw/."""
