@@ -2,8 +2,8 @@
 
 Without SVD (linear, ties, dare_linear, dare_ties, magnitude_prune) the A and B matrices are combined apart,
 each adapter's weight·scaling split as a square root between them (the sign on A): cheap, but ΔW is not the
-weighted sum of the ΔWs. ``cat`` stacks the scaled A's and the B's, which gives exactly Σ wᵢ·ΔWᵢ at the sum of
-the ranks. The ``*svd`` types combine the ΔWs themselves and keep the top ``svd_rank`` singular directions.
+weighted sum of the ΔWs. ``cat`` stacks the scaled A's and the B's, which gives exactly Σ wᵢ·ΔWᵢ (without
+rsLoRA) at the sum of the ranks. The ``*svd`` types combine the ΔWs themselves and keep the top ``svd_rank`` singular directions.
 TIES (Yadav et al. 2023) keeps each tensor's largest ``density`` share and elects one sign per entry; DARE
 (Yu et al. 2023) keeps a random ``density`` share, rescaled by 1/density.
 """
@@ -48,8 +48,9 @@ def add_weighted_adapter(
 ) -> None:
     """Add adapter ``adapter_name``, the combination of ``adapters`` with ``weights``, to every layer one of them
     adapts. Its r is the adapters' (linear and the pruning types need one r), their sum (cat) or ``svd_rank``
-    (default: the largest); alpha = r. DARE's random draws come from ``seed``, else from torch's global
-    generator as in PEFT. The active adapter stays; everything is checked before any layer changes."""
+    (default: the largest); alpha = r, and the other settings are the first adapter's, as in PEFT (so with
+    rsLoRA the new adapter's scaling is √r, not 1). DARE's masks are drawn on the CPU from ``seed``, else from
+    torch's global generator. The active adapter stays; everything is checked before any layer changes."""
     rank = _check(model, adapters, weights, adapter_name, combination_type, svd_rank, density, majority_sign_method)
     if len(adapters) == 1:  # as in PEFT: one adapter can only be rescaled
         combination_type = "linear"
@@ -72,15 +73,18 @@ def add_weighted_adapter(
                 delta = _combine(deltas, [w for _, w in present], prune, elect_sign, density, majority_sign_method, generator)
                 combined[module_name] = _svd_factors(delta, rank)
             else:
+                ranks = {layer.lora_A[a].out_features for a, _ in present}
+                if len(ranks) != 1:
+                    raise ValueError(f"{combination_type} combines A and B matrices of one shape, but on {module_name} "
+                                     f"the adapters' ranks are {sorted(ranks)}; cat or svd is allowed")
                 scaled = [w * layer.scaling[a] for a, w in present]
                 a_weights = [math.copysign(math.sqrt(abs(s)), s) for s in scaled]  # the sign on A only
                 b_weights = [math.sqrt(abs(s)) for s in scaled]
-                combined[module_name] = (
+                combined[module_name] = _padded(
                     _combine([layer.lora_A[a].weight for a, _ in present], a_weights, prune, elect_sign, density,
                              majority_sign_method, generator),
                     _combine([layer.lora_B[a].weight for a, _ in present], b_weights, prune, elect_sign, density,
-                             majority_sign_method, generator),
-                )
+                             majority_sign_method, generator), rank)
         for layer in layers.values():
             layer.check_adapter(adapter_name, config)
         for module_name, (lora_a, lora_b) in combined.items():
@@ -107,8 +111,10 @@ def _check(model: nn.Module, adapters: list[str], weights: list[float], adapter_
         raise ValueError(f"weights={weights!r} is invalid: one finite number per adapter ({len(adapters)}) is allowed")
     kind = "linear" if len(adapters) == 1 else combination_type
     prune, elect_sign, on_delta = COMBINATION_TYPES[kind]
-    if prune and not (isinstance(density, (int, float)) and not isinstance(density, bool) and 0 <= density <= 1):
+    if prune == "magnitude" and not (_is_number(density) and 0 <= density <= 1):
         raise ValueError(f"density={density!r} is invalid: {kind} needs a number in [0, 1], the share of values kept")
+    if prune == "random" and not (_is_number(density) and 0 < density <= 1):  # DARE rescales by 1/density
+        raise ValueError(f"density={density!r} is invalid: {kind} needs a number in (0, 1], the share of values kept")
     if elect_sign and majority_sign_method not in SIGN_METHODS:
         raise ValueError(f"majority_sign_method={majority_sign_method!r} is invalid: one of {list(SIGN_METHODS)} is allowed")
     ranks = [_largest_rank(model, a) for a in adapters]
@@ -124,18 +130,25 @@ def _check(model: nn.Module, adapters: list[str], weights: list[float], adapter_
     return ranks[0]
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _largest_rank(model: nn.Module, adapter: str) -> int:
     return max(layer.lora_A[adapter].out_features for layer in lora_layers(model).values() if adapter in layer.lora_A)
 
 
-def _cat(layer: LoRALinear, present: list[tuple[str, float]], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A's stacked (each times its weight·scaling) and B's side by side, zero-padded to ``rank``."""
-    lora_a = torch.cat([layer.lora_A[a].weight * w * layer.scaling[a] for a, w in present], dim=0)
-    lora_b = torch.cat([layer.lora_B[a].weight for a, _ in present], dim=1)
-    padded_a = lora_a.new_zeros(rank, lora_a.shape[1])
-    padded_b = lora_b.new_zeros(lora_b.shape[0], rank)
+def _padded(lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B with zero rows and columns up to ``rank`` (a layer whose rank a pattern lowered); B·A is unchanged."""
+    padded_a, padded_b = lora_a.new_zeros(rank, lora_a.shape[1]), lora_b.new_zeros(lora_b.shape[0], rank)
     padded_a[: lora_a.shape[0]], padded_b[:, : lora_b.shape[1]] = lora_a, lora_b
     return padded_a, padded_b
+
+
+def _cat(layer: LoRALinear, present: list[tuple[str, float]], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A's stacked (each times its weight·scaling) and B's side by side, zero-padded to ``rank``."""
+    return _padded(torch.cat([layer.lora_A[a].weight * w * layer.scaling[a] for a, w in present], dim=0),
+                   torch.cat([layer.lora_B[a].weight for a, _ in present], dim=1), rank)
 
 
 def _combine(tensors: list[torch.Tensor], weights: list[float], prune: str | None, elect_sign: bool,
@@ -145,7 +158,7 @@ def _combine(tensors: list[torch.Tensor], weights: list[float], prune: str | Non
     if prune:
         tensors = [_pruned(t, density, prune, generator) for t in tensors]
     stacked = torch.stack(tensors)
-    weighted = stacked * torch.tensor(weights, dtype=stacked.dtype).view(-1, *([1] * (stacked.dim() - 1)))
+    weighted = stacked * torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
     if not elect_sign:
         return weighted.sum(dim=0)
     magnitude = stacked.sum(dim=0) if sign_method == "total" else stacked.sign().sum(dim=0)
@@ -160,7 +173,8 @@ def _pruned(tensor: torch.Tensor, density: float, method: str, generator: torch.
         mask = torch.zeros_like(tensor).reshape(-1)
         mask[torch.topk(tensor.abs().reshape(-1), k=int(density * tensor.numel())).indices] = 1
         return tensor * mask.reshape(tensor.shape)
-    return tensor * torch.bernoulli(torch.full_like(tensor, density), generator=generator) / density
+    mask = torch.bernoulli(torch.full(tensor.shape, density, dtype=tensor.dtype), generator=generator)
+    return tensor * mask.to(tensor.device) / density
 
 
 def _svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,28 @@ INIT_METHODS = {
 }
 
 
+class Pattern(dict):
+    """A rank or alpha pattern as a config holds it: read like a dict, never changed, and compared in order,
+    since the first key that matches a layer wins."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("a LoRAConfig's pattern cannot change: make a new config (dataclasses.replace)")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, dict) and list(self.items()) == list(other.items())
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(self.items()))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return Pattern, (dict(self),)
+
+
 MAX_RANK = 2**16  # far above any layer's side here; a typo like r=10**9 is refused before any allocation
 
 
@@ -54,8 +76,8 @@ class LoRAConfig:
             targets = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
             object.__setattr__(self, "target_modules", tuple(targets))
         for name in ("rank_pattern", "alpha_pattern"):
-            if isinstance(getattr(self, name), dict):  # a copy: the frozen config must not change with the caller's dict
-                object.__setattr__(self, name, dict(getattr(self, name)))
+            if isinstance(getattr(self, name), dict):  # a frozen copy: the config must not change with the caller's dict
+                object.__setattr__(self, name, Pattern(getattr(self, name)))
         checks = [
             ("r", isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1, "an integer >= 1"),
             ("r", not isinstance(self.r, int) or self.r <= MAX_RANK, f"an integer up to {MAX_RANK}"),
@@ -77,7 +99,7 @@ class LoRAConfig:
 
     def __hash__(self) -> int:
         return hash((self.r, self.alpha, self.dropout, self.init, self.use_rslora, self.target_modules,
-                     frozenset(self.rank_pattern.items()), frozenset(self.alpha_pattern.items())))
+                     self.rank_pattern, self.alpha_pattern))
 
     @property
     def scaling(self) -> float:
@@ -93,11 +115,13 @@ class LoRAConfig:
         return _pattern_value(self.alpha_pattern, module_name, self.alpha)
 
     def scaling_for(self, module_name: str) -> float:
+        """The scaling of the layer named ``module_name``, from its own r and alpha."""
         return _scaling(self.alpha_for(module_name), self.rank_for(module_name), self.use_rslora)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["target_modules"] = list(self.target_modules)
+        data["rank_pattern"], data["alpha_pattern"] = dict(self.rank_pattern), dict(self.alpha_pattern)
         return data
 
     @classmethod

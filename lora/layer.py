@@ -58,6 +58,9 @@ class LoRALinear(nn.Module):
         """Raise, changing nothing, when adapter ``name`` with ``config`` cannot be added to this layer."""
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"adapter name {name!r} is invalid: a non-empty string without '.' is allowed")
+        if hasattr(nn.ModuleDict, name):  # torch keeps adapters in ModuleDicts, whose methods take these names
+            raise ValueError(f"adapter name {name!r} is invalid: a name that is not an attribute of torch's "
+                             "nn.ModuleDict (such as 'half', 'train' or 'to') is allowed")
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         # r above min(in, out) is allowed, as in PEFT: more parameters, but B·A's rank stays capped by that side;
@@ -138,6 +141,9 @@ class LoRALinear(nn.Module):
         return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * (self.scaling[name] * self.inference_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_adapters is not None and (self.training or self.merged):
+            raise LoRAMergeError("a batch with an adapter per row runs in eval mode with nothing merged: "
+                                 "call model.eval() and unmerge first")
         out = self.base_layer(x)
         if self.disabled or self.merged or self.inference_scale == 0:
             return out

@@ -182,27 +182,30 @@ def adapter_per_row(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.M
         raise RuntimeError("a batch with an adapter per row is for inference: call model.eval() first")
     if any(layer.merged for layer in layers):
         raise LoRAMergeError("an adapter is merged: unmerge it before running a batch with an adapter per row")
-    names = list(adapter_names)
+    names, outer = list(adapter_names), [layer.row_adapters for layer in layers]
     for layer in layers:
         layer.row_adapters = names
     try:
         yield model
     finally:
-        for layer in layers:
-            layer.row_adapters = None
+        for layer, previous in zip(layers, outer):  # a block inside another gives the outer one its rows back
+            layer.row_adapters = previous
 
 
 def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
     """Fold the adapters (default: the active one) into the base weights and put each wrapped nn.Linear back in
     its place, as PEFT's ``merge_and_unload``: the model is a plain model again. An adapter already merged with
     :func:`merge` stays merged. All or nothing: every layer's weight is computed and checked before any is written."""
-    names = [active_adapter(model)] if adapter_names is None else list(adapter_names)
-    unknown = sorted(set(names) - _adapter_names(model))
-    if unknown or not names:
-        raise KeyError(f"the model has no adapter named {unknown or names}; present: {sorted(_adapter_names(model))}")
+    if adapter_names is not None:
+        unknown = sorted(set(adapter_names) - _adapter_names(model))
+        if unknown or not adapter_names:
+            raise KeyError(f"the model has no adapter named {unknown or adapter_names}; "
+                           f"present: {sorted(_adapter_names(model))}")
     planned = []
     with torch.no_grad():
         for module_name, layer in lora_layers(model).items():
+            # by default each layer's own active adapter, as PEFT merges them (they differ after a delete_adapter)
+            names = [layer.active_adapter] if adapter_names is None else list(adapter_names)
             weight = layer.base_layer.weight
             if layer.merged and layer.merged_adapter not in names:
                 raise LoRAMergeError(f"adapter {layer.merged_adapter!r} is merged into {module_name}, but not among "

@@ -31,7 +31,7 @@ def route_by_prediction(base_logits: torch.Tensor, adapter_of_digit: dict[int, s
 @torch.inference_mode()
 def predict_per_row(model: nn.Module, images: torch.Tensor, names: list[str], backend: str,
                     batch_size: int = 2500) -> torch.Tensor:
-    """Logits with image i run through adapter ``names[i]``, in batches, on CPU."""
+    """Logits with image i run through adapter ``names[i]``, in batches on the model's device, returned on CPU."""
     device = next(model.parameters()).device
     model.eval()
     logits = []

@@ -82,6 +82,7 @@ def saved_bytes(model: torch.nn.Module, adapter: str) -> int:
 
 
 def run(params: Params) -> dict[str, Any]:
+    """Score every variant on the test set, check the frozen base, write experiments/results/compose.json."""
     device, backend = resolve_device(params.device), check_backend(params.backend)
     train_images, train_labels = load_data("compose", params, "train", training=False)
     test_images, test_labels = load_data("compose", params, "test", training=False)

@@ -118,3 +118,24 @@ def test_graphed_lora_finetune_equals_eager_and_leaves_the_base_bit_for_bit(smal
         torch.testing.assert_close(parameter, other, rtol=0, atol=0, msg=name)
     images = _data(20, "cpu")[0]
     assert not torch.equal(predict(graphed, images), predict(base, images))  # the adapter did train
+
+
+@needs_cuda
+@pytest.mark.parametrize("combination", ["linear", "ties", "dare_linear", "svd", "cat"])
+def test_adapters_on_a_cuda_model_combine_to_the_cpu_result(combination) -> None:
+    from lora import add_weighted_adapter, lora_layers
+
+    models = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = OversizedMLP(64, 32)
+        for name in ("a", "b"):
+            inject(model, LoRAConfig(r=2, target_modules=LAYERS), name)
+            for layer in lora_layers(model).values():
+                torch.nn.init.normal_(layer.lora_B[name].weight, std=0.1)
+        model.to(device)
+        add_weighted_adapter(model, ["a", "b"], [0.6, 0.4], "mix", combination, density=0.5, seed=3)
+        models.append(model)
+    for target in LAYERS:
+        cpu, cuda = (lora_layers(m)[target].delta_weight("mix") for m in models)
+        torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-4, atol=1e-5)

@@ -194,9 +194,10 @@ def test_saving_an_adapter_onto_a_regular_file_is_refused_and_keeps_the_file(tmp
     assert target.read_text() == "my notes"
 
 
-@pytest.mark.parametrize("name", ["v1.0", "", 3])
-def test_an_adapter_name_torch_cannot_hold_is_refused_before_any_layer_changes(name):
+@pytest.mark.parametrize("name, allowed", [("v1.0", "a non-empty string without '.'"), ("", "a non-empty string"), (3, "a non"),
+                                           ("half", "a name that is not an attribute of torch's nn.ModuleDict")])
+def test_an_adapter_name_torch_cannot_hold_is_refused_before_any_layer_changes(name, allowed):
     model = TinyMLP(40, 30)
-    with pytest.raises(ValueError, match=f"adapter name {name!r} is invalid: a non-empty string without '.' is allowed"):
+    with pytest.raises(ValueError, match=f"adapter name {name!r} is invalid: {allowed}"):
         inject(model, LoRAConfig(target_modules=TARGETS), name)
     assert not lora_layers(model)

@@ -252,6 +252,10 @@ def test_a_pattern_key_matches_a_whole_module_name_or_its_dotted_tail_and_the_fi
     frozen = LoRAConfig(target_modules=("fc1",), rank_pattern=pattern)
     pattern["fc1"] = 1
     assert frozen.rank_for("fc1") == 8 and hash(frozen) == hash(LoRAConfig(target_modules=("fc1",), rank_pattern={"fc1": 8}))
+    with pytest.raises(TypeError, match="pattern cannot change"):
+        frozen.rank_pattern["fc1"] = 2
+    in_order, reversed_order = ({"fc.": 2, "fc1": 8}, {"fc1": 8, "fc.": 2})  # the first match wins, so order matters
+    assert LoRAConfig(target_modules=("fc1",), rank_pattern=in_order) != LoRAConfig(target_modules=("fc1",), rank_pattern=reversed_order)
 
 
 def test_target_modules_have_no_default_so_a_config_names_the_layers_of_its_own_model():

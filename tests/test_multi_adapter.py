@@ -14,6 +14,7 @@ from lora import (
     LoRAMergeError,
     adapter_per_row,
     add_weighted_adapter,
+    delete_adapter,
     disable_adapter,
     inject,
     load_adapter,
@@ -23,6 +24,7 @@ from lora import (
     save_adapter,
     set_adapter,
     unload,
+    unmerge,
 )
 from tests.helpers import TARGETS, TinyMLP
 
@@ -141,6 +143,7 @@ def test_dare_with_the_same_seed_gives_the_same_adapter_and_another_seed_another
     ({"combination_type": "average"}, ValueError, "combination_type='average' is invalid"),
     ({"combination_type": "ties"}, ValueError, "density=None is invalid: ties needs a number in \\[0, 1\\]"),
     ({"combination_type": "dare_linear", "density": 1.5}, ValueError, "density=1.5 is invalid"),
+    ({"combination_type": "dare_ties", "density": 0}, ValueError, "density=0 is invalid: dare_ties needs a number in \\(0, 1\\]"),
     ({"combination_type": "ties", "density": 0.5, "majority_sign_method": "vote"}, ValueError, "majority_sign_method"),
     ({"combination_type": "linear"}, ValueError, "ranks .* differ; cat or svd is allowed"),
     ({"combination_type": "svd", "svd_rank": 0}, ValueError, "svd_rank=0 is invalid"),
@@ -266,3 +269,51 @@ def test_a_batch_with_an_adapter_per_row_takes_a_sparse_input_as_the_base_layer_
     with torch.no_grad(), adapter_per_row(ours, names):
         layer = lora_layers(ours)["linear1"]
         torch.testing.assert_close(layer(x.to_sparse_csr()), layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_one_adapter_with_a_rank_pattern_rescaled_linearly_gives_pefts_delta(tmp_path):
+    config = LoRAConfig(r=3, alpha=3, target_modules=TARGETS, rank_pattern={"linear3": 1})
+    ours, theirs = _both(tmp_path, {"a": config})
+    theirs.add_weighted_adapter(["a"], [0.5], "scaled", combination_type="linear")
+    add_weighted_adapter(ours, ["a"], [0.5], "scaled", combination_type="linear")
+    expected, actual = _peft_deltas(theirs, "scaled"), _our_deltas(ours, "scaled")
+    for target in TARGETS:
+        torch.testing.assert_close(actual[target], expected[target], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(actual[target], 0.5 * lora_layers(ours)[target].delta_weight("a"), rtol=1e-5, atol=1e-6)
+
+
+def test_a_linear_combination_of_adapters_whose_ranks_differ_on_a_layer_is_refused_naming_it(tmp_path):
+    ours, _ = _both(tmp_path, {"a": LoRAConfig(r=2, target_modules=TARGETS),
+                               "b": LoRAConfig(r=2, target_modules=TARGETS, rank_pattern={"linear2": 1})})
+    with pytest.raises(ValueError, match="on linear2 the adapters' ranks are \\[1, 2\\]; cat or svd is allowed"):
+        add_weighted_adapter(ours, ["a", "b"], [1, 1], "mix", combination_type="ties", density=0.5)
+    assert all("mix" not in layer.lora_A for layer in lora_layers(ours).values())
+
+
+def test_a_batch_with_an_adapter_per_row_is_checked_at_every_forward_and_nests(tmp_path):
+    ours, _ = _both(tmp_path, SAME_RANK)
+    x = torch.randn(2, 784)
+    with adapter_per_row(ours, ["a", "b"]):
+        with adapter_per_row(ours, ["c", BASE]):
+            assert all(layer.row_adapters == ["c", BASE] for layer in lora_layers(ours).values())
+        assert all(layer.row_adapters == ["a", "b"] for layer in lora_layers(ours).values())
+        merge(ours, "a")
+        with pytest.raises(LoRAMergeError, match="eval mode with nothing merged"):
+            ours(x)
+        unmerge(ours)
+        ours.train()
+        with pytest.raises(LoRAMergeError, match="eval mode with nothing merged"):
+            ours(x)
+        ours.eval()
+        ours(x)
+
+
+def test_merge_and_unload_merges_each_layers_own_active_adapter_as_peft_does(tmp_path):
+    ours, theirs = _both(tmp_path, SAME_RANK)
+    for model in (ours, theirs):
+        (set_adapter if model is ours else lambda m, n: m.set_adapter(n))(model, "c")
+    delete_adapter(ours, "c")
+    theirs.delete_adapter("c")  # linear3 had no c: each layer falls back to its own first adapter
+    x = torch.randn(3, 784)
+    with torch.no_grad():
+        torch.testing.assert_close(merge_and_unload(ours)(x), theirs.merge_and_unload()(x), rtol=1e-5, atol=1e-5)
