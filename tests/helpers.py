@@ -35,6 +35,12 @@ class TinyMLP(nn.Module):
         return self.linear3(torch.relu(self.linear2(torch.relu(self.linear1(x.reshape(x.shape[0], -1))))))
 
 
+def small_base(seed: int = 0) -> TinyMLP:
+    """The PEFT-oracle tests' base model: a seeded TinyMLP(40, 30) in eval mode, the same on every call."""
+    torch.manual_seed(seed)
+    return TinyMLP(40, 30).eval()
+
+
 def one_line_error(main, capsys) -> str:
     """Run a stage's command-line entry point (``tasks.<stage>.main``) in this process, as `python -m` would;
     it must exit with status 2 and one line on stderr, which is returned."""

@@ -26,17 +26,12 @@ from lora import (
     unload,
     unmerge,
 )
-from tests.helpers import TARGETS, TinyMLP
-
-
-def _base() -> TinyMLP:
-    torch.manual_seed(0)
-    return TinyMLP(40, 30).eval()
+from tests.helpers import TARGETS, TinyMLP, small_base
 
 
 def _both(tmp_path, configs: dict[str, LoRAConfig]) -> tuple[nn.Module, peft.PeftModel]:
     """The same trained-looking adapters in our model and, loaded from the files we save, in PEFT's."""
-    ours = _base()
+    ours = small_base()
     for name, config in configs.items():
         inject(ours, config, name)
     torch.manual_seed(1)
@@ -49,7 +44,7 @@ def _both(tmp_path, configs: dict[str, LoRAConfig]) -> tuple[nn.Module, peft.Pef
     for name in configs:
         save_adapter(ours, tmp_path / name, name)
         if theirs is None:
-            theirs = peft.PeftModel.from_pretrained(_base(), str(tmp_path / name), adapter_name=name)
+            theirs = peft.PeftModel.from_pretrained(small_base(), str(tmp_path / name), adapter_name=name)
         else:
             theirs.load_adapter(str(tmp_path / name), adapter_name=name)
     return ours.eval(), theirs.eval()
@@ -106,12 +101,12 @@ def test_a_weighted_combination_gives_peft_delta_per_layer_and_loads_in_peft(tmp
         torch.testing.assert_close(actual[target], expected[target], rtol=1e-4, atol=1e-5)
 
     save_adapter(ours, tmp_path / "mix", "mix")
-    again = peft.PeftModel.from_pretrained(_base(), str(tmp_path / "mix")).eval()
+    again = peft.PeftModel.from_pretrained(small_base(), str(tmp_path / "mix")).eval()
     set_adapter(ours, "mix")
     x = torch.randn(6, 784)
     with torch.no_grad():
         torch.testing.assert_close(again(x), ours(x), rtol=1e-5, atol=1e-5)
-    reloaded = _base()
+    reloaded = small_base()
     load_adapter(reloaded, tmp_path / "mix")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), ours(x), rtol=0, atol=0)
@@ -227,7 +222,7 @@ def test_merge_and_unload_gives_pefts_plain_model_and_unload_the_untouched_base(
                                    theirs.merge_and_unload(adapter_names=["a", "c"])(x), rtol=1e-5, atol=1e-5)
 
     ours, theirs = _both(tmp_path / "three", MIXED_RANKS)
-    base = _base()
+    base = small_base()
     with torch.no_grad():
         assert torch.equal(unload(ours)(x), base(x)) and torch.equal(theirs.unload()(x), base(x))
     assert all(type(getattr(ours, t)) is nn.Linear for t in TARGETS)

@@ -10,7 +10,7 @@ import torch
 
 from lora import AdapterLoadError, LoRAConfig, disable_adapter, inject, load_adapter, lora_layers, merge, save_adapter
 from lora.save_load import CONFIG_NAME
-from tests.helpers import TARGETS, TinyMLP
+from tests.helpers import TARGETS, TinyMLP, small_base
 
 SUPPORTED = {
     "rank 1, alpha 1": {"r": 1, "lora_alpha": 1},
@@ -38,14 +38,9 @@ REFUSED = {
 }
 
 
-def _base(seed: int = 0) -> TinyMLP:
-    torch.manual_seed(seed)
-    return TinyMLP(40, 30).eval()
-
-
 def _peft_adapter(tmp_path, options: dict) -> tuple[peft.PeftModel, str]:
     config = peft.LoraConfig(**{"target_modules": list(TARGETS), **options})
-    theirs = peft.get_peft_model(_base(), config)
+    theirs = peft.get_peft_model(small_base(), config)
     torch.manual_seed(1)
     with torch.no_grad():
         for name, param in theirs.named_parameters():
@@ -58,7 +53,7 @@ def _peft_adapter(tmp_path, options: dict) -> tuple[peft.PeftModel, str]:
 @pytest.mark.parametrize("options", SUPPORTED.values(), ids=SUPPORTED.keys())
 def test_a_peft_adapter_loads_with_peft_logits_on_disabled_and_merged(tmp_path, options):
     theirs, directory = _peft_adapter(tmp_path, options)
-    ours = _base()
+    ours = small_base()
     load_adapter(ours, directory)
     x = torch.randn(7, 784)
     with torch.no_grad():
@@ -73,7 +68,7 @@ def test_a_peft_adapter_loads_with_peft_logits_on_disabled_and_merged(tmp_path, 
 @pytest.mark.parametrize("options", SUPPORTED.values(), ids=SUPPORTED.keys())
 def test_an_adapter_saved_here_loads_in_peft_with_our_logits(tmp_path, options):
     init = {True: "kaiming", False: "kaiming", "gaussian": "gaussian"}[options.get("init_lora_weights", True)]
-    ours = _base()
+    ours = small_base()
     inject(ours, LoRAConfig(r=options["r"], alpha=options["lora_alpha"], dropout=options.get("lora_dropout", 0.0),
                             use_rslora=options.get("use_rslora", False), init=init,
                             target_modules=tuple(options.get("target_modules", TARGETS)),
@@ -83,7 +78,7 @@ def test_an_adapter_saved_here_loads_in_peft_with_our_logits(tmp_path, options):
         for layer in lora_layers(ours).values():
             layer.lora_B["default"].weight.normal_(0, 0.2)
     save_adapter(ours, tmp_path / "ours")
-    theirs = peft.PeftModel.from_pretrained(_base(), str(tmp_path / "ours")).eval()
+    theirs = peft.PeftModel.from_pretrained(small_base(), str(tmp_path / "ours")).eval()
     x = torch.randn(7, 784)
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), ours.eval()(x), rtol=1e-5, atol=1e-6)
@@ -92,7 +87,7 @@ def test_an_adapter_saved_here_loads_in_peft_with_our_logits(tmp_path, options):
 @pytest.mark.parametrize("options, message", REFUSED.values(), ids=REFUSED.keys())
 def test_a_peft_adapter_we_cannot_compute_as_peft_does_is_refused_in_one_line(tmp_path, options, message):
     _, directory = _peft_adapter(tmp_path, options)
-    ours = _base()
+    ours = small_base()
     before = {name: tensor.clone() for name, tensor in ours.state_dict().items()}
     with pytest.raises(AdapterLoadError, match=message) as error:
         load_adapter(ours, directory)
@@ -106,13 +101,13 @@ def test_a_regular_expression_for_target_modules_is_refused(tmp_path):
     config = json.loads((tmp_path / "peft" / CONFIG_NAME).read_text())
     (tmp_path / "peft" / CONFIG_NAME).write_text(json.dumps({**config, "target_modules": "linear[12]"}))
     with pytest.raises(AdapterLoadError, match="is a regular expression, which is not supported"):
-        load_adapter(_base(), directory)
+        load_adapter(small_base(), directory)
 
 
 @pytest.mark.parametrize("init, rank, expected", [("normal", 1, "gaussian"), ("gaussian", 3, "gaussian"),
                                                   ("kaiming", 2, True), ("normal", 2, True)])
 def test_the_init_is_written_as_peft_names_it_where_peft_can_represent_it(tmp_path, init, rank, expected):
-    model = inject(_base(), LoRAConfig(r=rank, init=init, target_modules=TARGETS))
+    model = inject(small_base(), LoRAConfig(r=rank, init=init, target_modules=TARGETS))
     provenance = save_adapter(model, tmp_path / "a")
     assert json.loads((tmp_path / "a" / CONFIG_NAME).read_text())["init_lora_weights"] == expected
     assert provenance["lora_config"]["init"] == init
