@@ -15,6 +15,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from .config import _is_number
 from .layer import LoRALinear
 from .model import _adapter_names, lora_layers
 
@@ -57,10 +58,9 @@ def add_weighted_adapter(
     prune, elect_sign, on_delta = COMBINATION_TYPES[combination_type]
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     layers = {name: layer for name, layer in lora_layers(model).items() if any(a in layer.lora_A for a in adapters)}
-    first = next(layer.configs[adapters[0]] for layer in lora_layers(model).values() if adapters[0] in layer.configs)
+    first = next(layer.configs[adapters[0]] for layer in layers.values() if adapters[0] in layer.configs)
     config = replace(first, r=rank, alpha=rank, rank_pattern={}, alpha_pattern={},
-                     target_modules=tuple(sorted({t for layer in lora_layers(model).values()
-                                                  for a in adapters if a in layer.configs
+                     target_modules=tuple(sorted({t for layer in layers.values() for a in adapters if a in layer.configs
                                                   for t in layer.configs[a].target_modules})))
     combined = {}
     with torch.no_grad():
@@ -106,8 +106,7 @@ def _check(model: nn.Module, adapters: list[str], weights: list[float], adapter_
         raise KeyError(f"adapters={adapters!r} is invalid: a non-empty list of the model's adapters {sorted(present)} is allowed")
     if not isinstance(adapter_name, str) or not adapter_name or adapter_name in present:
         raise ValueError(f"adapter_name={adapter_name!r} is invalid: a new, non-empty name (present: {sorted(present)}) is allowed")
-    if len(weights) != len(adapters) or not all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+    if len(weights) != len(adapters) or not all(_is_number(w) for w in weights):
         raise ValueError(f"weights={weights!r} is invalid: one finite number per adapter ({len(adapters)}) is allowed")
     kind = "linear" if len(adapters) == 1 else combination_type
     prune, elect_sign, on_delta = COMBINATION_TYPES[kind]
@@ -128,10 +127,6 @@ def _check(model: nn.Module, adapters: list[str], weights: list[float], adapter_
         raise ValueError(f"{kind} combines A and B matrices of one shape: the adapters' ranks {dict(zip(adapters, ranks))} "
                          "differ; cat or svd is allowed")
     return ranks[0]
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _largest_rank(model: nn.Module, adapter: str) -> int:
