@@ -9,6 +9,7 @@ The entry travels as JSON in a Prefect artifact of the worker's flow run, never 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path, PurePosixPath
@@ -61,8 +62,8 @@ def check_lock_entry(stage: str, entry: Any, root: Path) -> None:
             if item["path"] not in spec[kind]:
                 raise HandoffRefused(f"{where}: {kind} path {item['path']!r} is not one dvc.yaml declares for {stage}: "
                                      f"{', '.join(spec[kind])}")
-            if not HASH.fullmatch(str(item.get("md5", ""))):
-                raise HandoffRefused(f"{where}: {item['path']!r} has no DVC md5 hash")
+            if item.get("hash") != "md5" or not HASH.fullmatch(str(item.get("md5", ""))):  # no "hash": DVC 2's cache layout
+                raise HandoffRefused(f"{where}: {item['path']!r} has no DVC 3 md5 hash (hash: md5 and its md5)")
         if sorted(item["path"] for item in files) != spec[kind]:
             raise HandoffRefused(f"{where} lists {kind} {sorted(f['path'] for f in files)}; dvc.yaml declares {spec[kind]}")
     params = entry.get("params", {})
@@ -113,35 +114,53 @@ def lock_entry(stage: str, root: Path) -> dict[str, Any]:
     return yaml.safe_load((root / LOCK).read_text())["stages"][stage]
 
 
-def check_directory_manifests(entry: dict[str, Any], cache: Path) -> None:
-    """Refuse a returned directory output any of whose files (as its `.dir` object in the DVC ``cache`` lists
-    them) would land outside it: an absolute path, or one with '.', '..' or empty parts."""
+def _cache_object(cache: Path, digest: str, path: str) -> bytes:
+    """The bytes of the DVC ``cache``'s object ``digest``, refused unless they hash to it (the remote is not trusted)."""
+    try:
+        data = (cache / "files" / "md5" / digest[:2] / digest[2:]).read_bytes()
+    except OSError:
+        raise HandoffRefused(f"the returned {path}: object {digest} is not in the DVC cache after `dvc fetch`") from None
+    if hashlib.md5(data).hexdigest() != digest.removesuffix(".dir"):
+        raise HandoffRefused(f"the returned {path}: the fetched object {digest} does not match its hash")
+    return data
+
+
+def check_fetched_outputs(entry: dict[str, Any], cache: Path) -> None:
+    """Refuse a returned output whose fetched objects in the DVC ``cache`` do not hash to what ``entry`` names
+    (`dvc fetch` does not verify by default), or a directory that lists a file that would land outside it: an
+    absolute path, or one with '.', '..' or empty parts."""
     for item in entry["outs"]:
+        listing = _cache_object(cache, item["md5"], item["path"])
         if not item["md5"].endswith(".dir"):
             continue
-        digest = item["md5"]
-        listing = json.loads((cache / "files" / "md5" / digest[:2] / digest[2:]).read_text())
-        for file in listing:
+        try:
+            files = json.loads(listing)
+        except ValueError:
+            raise HandoffRefused(f"the returned {item['path']} has a directory listing that is not JSON") from None
+        for file in files if isinstance(files, list) else [None]:
             relpath = file.get("relpath") if isinstance(file, dict) else None
             parts = relpath.split("/") if isinstance(relpath, str) else [""]
             if relpath is None or relpath.startswith("/") or any(part in ("", ".", "..") for part in parts):
                 raise HandoffRefused(f"the returned {item['path']} lists a file {relpath!r} outside itself")
+            if not isinstance(file.get("md5"), str) or not HASH.fullmatch(file["md5"]) or file["md5"].endswith(".dir"):
+                raise HandoffRefused(f"the returned {item['path']} lists {relpath!r} without an md5 hash")
+            _cache_object(cache, file["md5"], f"{item['path']}/{relpath}")
 
 
 def fetch_checked(entries: dict[str, dict[str, Any]], root: Path) -> None:
-    """Fetch the outputs of the stages ``entries`` names into the DVC cache (`dvc fetch`), refuse any directory
-    among them that lists a file outside itself, and only then check them out into the workspace."""
+    """Fetch the outputs of the stages ``entries`` names into the DVC cache (`dvc fetch`), refuse any of them whose
+    objects do not match their hashes or that lists a file outside itself, and only then check them out."""
     dvc("fetch", *entries, cwd=root)
     cache = Path(dvc("cache", "dir", cwd=root).stdout.strip())
     for entry in entries.values():
-        check_directory_manifests(entry, cache)
+        check_fetched_outputs(entry, cache)
     dvc("checkout", "--force", *entries, cwd=root)
 
 
 def accept_lock_entry(stage: str, entry: Any, root: Path) -> None:
     """Take a stage's dvc.lock entry back from a worker: checked against dvc.yaml, then against this checkout's
-    own dependencies (`dvc status`); its outputs fetched into the cache by hash (`dvc fetch`), their directory
-    listings checked, and only then checked out. A refusal leaves dvc.lock as it was."""
+    own dependencies (`dvc status`); its outputs fetched into the cache (`dvc fetch`), checked against their hashes
+    and directory listings, and only then checked out. A refusal leaves dvc.lock as it was."""
     check_lock_entry(stage, entry, root)
     before = write_lock_entries({stage: entry}, root)
     try:

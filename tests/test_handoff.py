@@ -4,6 +4,7 @@ an experiment name that is not one plain directory name (flows/dvc_stage.py)."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -15,7 +16,7 @@ from flows.handoff import (
     HandoffRefused,
     accept_lock_entry,
     check_commit,
-    check_directory_manifests,
+    check_fetched_outputs,
     check_upstream,
     declared,
     upstream_entries,
@@ -76,31 +77,62 @@ def test_a_returned_entry_with_an_extra_output_another_command_or_other_params_i
     _refused(checkout, "pretrain", params, "records params")
     unhashed = _entry(checkout, "pretrain")
     unhashed["outs"][0]["md5"] = "../../x"
-    _refused(checkout, "pretrain", unhashed, "has no DVC md5 hash")
+    _refused(checkout, "pretrain", unhashed, "has no DVC 3 md5 hash")
+    legacy = _entry(checkout, "finetune")  # without `hash: md5` DVC would read DVC 2's cache layout, unchecked
+    del legacy["outs"][0]["hash"]
+    _refused(checkout, "finetune", legacy, "has no DVC 3 md5 hash")
     _refused(checkout, "pretrain", ["not", "a", "mapping"], "is not a mapping")
     extra_key = _entry(checkout, "pretrain")
     extra_key["outs"][0]["isexec"] = True
     _refused(checkout, "pretrain", extra_key, r"has keys \['isexec'\]")
 
 
-def _write_listings(entry: dict, cache: Path, adapter_file: str) -> None:
-    """`.dir` objects in a DVC cache for every directory output of ``entry``; the adapter lists ``adapter_file``."""
+def _cache_object_path(cache: Path, digest: str) -> Path:
+    return cache / "files" / "md5" / digest[:2] / digest[2:]
+
+
+def _store(cache: Path, data: bytes, suffix: str = "") -> str:
+    """``data`` as an object of a DVC cache, under its md5 (``suffix`` ".dir" for a directory listing)."""
+    digest = hashlib.md5(data).hexdigest() + suffix
+    path = _cache_object_path(cache, digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return digest
+
+
+def _fetched(entry: dict, cache: Path, adapter_file: str) -> dict:
+    """``entry`` with its outputs as objects of ``cache``, as `dvc fetch` leaves them; the adapter lists
+    ``adapter_file``."""
     for item in entry["outs"]:
         if item["md5"].endswith(".dir"):
-            listing = cache / "files" / "md5" / item["md5"][:2] / item["md5"][2:]
-            listing.parent.mkdir(parents=True, exist_ok=True)
             files = ["adapter_config.json", adapter_file] if item["path"] == "models/adapter" else ["loss.tsv"]
-            listing.write_text(json.dumps([{"md5": f"{n:032d}", "relpath": name} for n, name in enumerate(files)]))
+            listing = [{"md5": _store(cache, name.encode() + b" bytes"), "relpath": name} for name in files]
+            item["md5"] = _store(cache, json.dumps(listing).encode(), ".dir")
+        else:
+            item["md5"] = _store(cache, item["path"].encode())
+    return entry
 
 
 @pytest.mark.parametrize("relpath", ["../../lora/layer.py", "/etc/passwd", "a/../../x", "./x", "a//b", ""])
 def test_a_returned_directory_listing_a_file_outside_itself_is_refused(checkout, tmp_path, relpath):
-    entry = _entry(checkout, "finetune")
-    _write_listings(entry, tmp_path / "cache", relpath)
+    entry = _fetched(_entry(checkout, "finetune"), tmp_path / "cache", relpath)
     with pytest.raises(HandoffRefused, match="the returned models/adapter lists a file .* outside itself"):
-        check_directory_manifests(entry, tmp_path / "cache")
-    _write_listings(entry, tmp_path / "cache", "sub/weights.bin")
-    check_directory_manifests(entry, tmp_path / "cache")
+        check_fetched_outputs(entry, tmp_path / "cache")
+    check_fetched_outputs(_fetched(_entry(checkout, "finetune"), tmp_path / "cache", "sub/weights.bin"), tmp_path / "cache")
+
+
+def test_a_fetched_object_that_does_not_match_its_hash_or_is_missing_is_refused(checkout, tmp_path):
+    cache = tmp_path / "cache"
+    entry = _fetched(_entry(checkout, "finetune"), cache, "adapter_model.safetensors")
+    listing = json.loads(_cache_object_path(cache, next(o for o in entry["outs"] if o["path"] == "models/adapter")["md5"]).read_text())
+    weights = _cache_object_path(cache, listing[1]["md5"])
+    weights.write_bytes(b"other weights")  # a remote that serves other bytes under the hash
+    with pytest.raises(HandoffRefused, match="models/adapter/adapter_model.safetensors: the fetched object .* does not "
+                                             "match its hash"):
+        check_fetched_outputs(entry, cache)
+    weights.unlink()
+    with pytest.raises(HandoffRefused, match="is not in the DVC cache after `dvc fetch`"):
+        check_fetched_outputs(entry, cache)
 
 
 def test_a_request_is_refused_for_a_later_stage_entry_or_a_malformed_commit(checkout):
