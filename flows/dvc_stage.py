@@ -26,6 +26,7 @@ STAGES = ("check_params", "download", "pretrain", "analyze", "finetune", "evalua
 TRAINING_STAGES = ("pretrain", "finetune")
 LOCK_FILE = Path(".dvc/tmp/lora-mnist-flow.lock")
 SAVE_LOCK_FILE = Path(".dvc/tmp/lora-mnist-exp-save.lock")  # `dvc exp save` in two worktrees at once races on git refs
+SNAPSHOT_LOCK_FILE = Path(".dvc/tmp/lora-mnist-snapshot.lock")  # `dvc exp run --queue` rewrites params.yaml for a moment
 
 
 class StageFailed(RuntimeError):
@@ -57,7 +58,7 @@ def one_line_errors() -> Iterator[None]:
     """For the flow commands: a known failure becomes one line on stderr and exit status 2."""
     try:
         yield
-    except (*EXPECTED_ERRORS, ParamsError, StageFailed, ValueError) as exc:
+    except (*EXPECTED_ERRORS, ParamsError, StageFailed, TimeoutError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)  # Prefect has logged the traceback already
         sys.exit(2)
 
@@ -98,8 +99,15 @@ def set_param_args(overrides: dict[str, Any]) -> list[str]:
 
 def save_experiment(name: str, cwd: Path | None = None) -> str:
     """Record the workspace (params, dvc.lock, metrics) as a DVC experiment, like `dvc exp run` does."""
-    dvc("exp", "save", "--force", "--name", name, "dvc.yaml", cwd=cwd)  # the main pipeline; experiments/ has its own
+    dvc("exp", "save", "--name", name, "dvc.yaml", cwd=cwd)  # the main pipeline; experiments/ has its own
     return name
+
+
+def experiment_exists(name: str, cwd: Path | None = None) -> bool:
+    """Whether HEAD has a DVC experiment ``name`` already (DVC keeps it as the git ref refs/exps/<HEAD>/<name>)."""
+    head = git("rev-parse", "HEAD", cwd=cwd).stdout.strip()
+    ref = f"refs/exps/{head[:2]}/{head[2:]}/{name}"
+    return git("show-ref", "--verify", "--quiet", ref, cwd=cwd, check=False).returncode == 0
 
 
 WORKSPACES = Path(".dvc/tmp/flow-workspaces")
@@ -129,8 +137,10 @@ def experiment_workspace(name: str) -> Iterator[Path]:
         raise ValueError(f"experiment name {name!r} is taken by another flow run, or by one that stopped without "
                          f"cleaning up ({path}: remove it with `git worktree remove --force {path}`)") from None
     try:
-        git("worktree", "add", "--detach", "-q", str(path), "HEAD")
-        if changes := git("stash", "create").stdout.strip():  # a commit of the uncommitted changes; the checkout is untouched
+        with checkout_lock(SNAPSHOT_LOCK_FILE):  # never while a sweep is queueing its points
+            git("worktree", "add", "--detach", "-q", str(path), "HEAD")
+            changes = git("stash", "create").stdout.strip()  # a commit of the uncommitted changes; the checkout is untouched
+        if changes:
             git("checkout", changes, "--", ".", cwd=path)
             git("reset", "-q", cwd=path)
         use_checkout_dvc_config(root, path)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from flows.dvc_stage import STAGES, dvc
+from flows.dvc_stage import STAGES, dvc, git
 from lora_mnist.io import write_text
 
 LOCK = Path("dvc.lock")
@@ -69,6 +69,16 @@ def check_lock_entry(stage: str, entry: Any, root: Path) -> None:
     params = entry.get("params", {})
     if set(params) - {"params.yaml"} or sorted(params.get("params.yaml", {})) != spec["params"]:
         raise HandoffRefused(f"{where} records params {params!r}; dvc.yaml declares params.yaml: {spec['params']}")
+
+
+def uncommitted_code(stages: tuple[str, ...], root: Path) -> list[str]:
+    """The dependencies of ``stages`` that differ from HEAD in ``root`` and that no stage writes: the code a gpu
+    worker, which trains HEAD, would not have."""
+    specs = [declared(stage, root) for stage in STAGES]
+    written = [PurePosixPath(out) for spec in specs for out in spec["outs"]]
+    deps = sorted({dep for stage in stages for dep in declared(stage, root)["deps"]})
+    changed = git("diff", "--name-only", "HEAD", "--", *deps, cwd=root).stdout.split()
+    return [path for path in changed if not any(PurePosixPath(path).is_relative_to(out) for out in written)]
 
 
 def upstream_entries(stage: str, root: Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from flows.dvc_stage import (
     apply_overrides,
     checkout_lock,
     dvc,
+    experiment_exists,
     experiment_workspace,
     git,
     has_default_remote,
@@ -37,8 +39,8 @@ from flows.dvc_stage import (
     validate_experiment_name,
     validate_overrides,
 )
-from flows.handoff import accept_lock_entry, read_lock_entry, upstream_entries
-from tasks.params import PARAMS_FILE, load_params, parse_overrides, to_mapping
+from flows.handoff import accept_lock_entry, read_lock_entry, uncommitted_code, upstream_entries
+from tasks.params import PARAMS_FILE, ParamsError, load_params, parse_overrides, to_mapping
 from tasks.paths import ADAPTER_DIR, BASE_WEIGHTS, EVALUATE_METRICS, FINETUNE_METRICS
 
 TRAIN_DEPLOYMENT = "lora-mnist-train/gpu"
@@ -83,20 +85,31 @@ def gpu_pool_stage(stage: str, root: Path) -> Any:
     return {"stage": stage, "ran": f"gpu pool (flow run {run.name})"}
 
 
-def gpu_pool_available(root: Path) -> bool:
-    """A real server is configured, it knows the training deployment, and a DVC remote can carry files."""
+def gpu_pool_unavailable(root: Path) -> str | None:
+    """Why the training stages cannot go to the gpu pool from ``root``, or None when they can: a real server
+    knows the training deployment and has a worker online in its pool, DVC has a default remote to carry the
+    files, and the training stages' code is HEAD's (the worker trains HEAD)."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import WorkerStatus
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import get_current_settings
 
-    if not get_current_settings().api.url or not has_default_remote(root):
-        return False
+    if not get_current_settings().api.url:
+        return "no Prefect server is configured (PREFECT_API_URL)"
+    if not has_default_remote(root):
+        return "DVC has no default remote to carry the files (dvc remote add -d)"
     with get_client(sync_client=True) as client:
         try:
-            client.read_deployment_by_name(TRAIN_DEPLOYMENT)
+            pool = client.read_deployment_by_name(TRAIN_DEPLOYMENT).work_pool_name
         except ObjectNotFound:
-            return False
-    return True
+            return f"the server has no {TRAIN_DEPLOYMENT} deployment (prefect deploy --all)"
+        if not pool:
+            return f"the {TRAIN_DEPLOYMENT} deployment has no work pool"
+        if not any(w.status == WorkerStatus.ONLINE for w in client.read_workers_for_work_pool(pool)):
+            return f"no worker of the {pool} work pool is online"
+    if changed := uncommitted_code(TRAINING_STAGES, root):
+        return f"the training code differs from HEAD, which the gpu worker trains: {', '.join(changed)} (commit it)"
+    return None
 
 
 def publish_artifacts(stage_runs: list[dict[str, str]], root: Path, experiment: str | None) -> None:
@@ -156,10 +169,16 @@ def pipeline(
     if training not in ("auto", "local", "gpu-pool"):
         raise ValueError(f"training={training!r} is invalid: 'auto', 'local' or 'gpu-pool' is allowed")
     if not overrides:
+        if experiment_name is not None:
+            raise ValueError(f"experiment_name={experiment_name!r} is given without overrides: only a run with "
+                             "overrides is saved as an experiment (add -S key=value)")
         with checkout_lock():
             return run_stages(Path.cwd().resolve(), training, experiment=None)
     validate_overrides(overrides)  # refused before a workspace exists
     name = validate_experiment_name(experiment_name or f"prefect-{uuid.uuid4().hex[:8]}")
+    if experiment_exists(name):
+        raise ValueError(f"experiment name {name!r} is taken by an experiment of HEAD: choose another, or "
+                         f"`dvc exp remove {name}` first")
     with experiment_workspace(name) as root:
         apply_overrides(overrides, root / PARAMS_FILE)
         result = run_stages(root, training, experiment=name)
@@ -171,8 +190,12 @@ def pipeline(
 def run_stages(root: Path, training: str, experiment: str | None) -> dict[str, Any]:
     """The stages in ``root``, in DAG order, then the artifacts; returns what ran, the experiment the run is
     saved as (saved by the caller) and the evaluation."""
-    on_gpu_pool = training == "gpu-pool" or (training == "auto" and gpu_pool_available(root))
-    get_run_logger().info(f"training stages run {'on the gpu work pool' if on_gpu_pool else 'in this process'}")
+    unavailable = gpu_pool_unavailable(root) if training != "local" else "training='local'"
+    if training == "gpu-pool" and unavailable:
+        raise StageFailed(f"training='gpu-pool' is not possible: {unavailable}")
+    on_gpu_pool = not unavailable
+    get_run_logger().info("training stages run on the gpu work pool" if on_gpu_pool
+                          else f"training stages run in this process: {unavailable}")
     stage_runs = []
     for stage in STAGES:
         if stage in TRAINING_STAGES and on_gpu_pool:
@@ -194,6 +217,9 @@ def main() -> None:
     parser.add_argument("--name", help="experiment name when params are overridden")
     args = parser.parse_args()
     with one_line_errors():
+        keys = Counter(arg.partition("=")[0] for arg in args.overrides)
+        if repeated := sorted(key for key, count in keys.items() if count > 1):
+            raise ParamsError(f"-S {', '.join(repeated)} is given more than once: one value per key is allowed")
         result = pipeline(overrides=parse_overrides(args.overrides), training=args.training, experiment_name=args.name)
     for run in result["stages"]:
         print(f"{run['stage']}: {run['ran']}")

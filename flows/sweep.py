@@ -13,12 +13,23 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import re
 from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 
-from flows.dvc_stage import dvc, one_line_errors, set_param_args, validate_overrides
+from flows.dvc_stage import (
+    SNAPSHOT_LOCK_FILE,
+    StageFailed,
+    checkout_lock,
+    dvc,
+    one_line_errors,
+    set_param_args,
+    validate_experiment_name,
+    validate_overrides,
+)
 from tasks.params import ParamsError, read_yaml
 
 RESULT_COLUMNS = {
@@ -35,22 +46,45 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 
 def experiment_name(prefix: str, overrides: dict[str, Any]) -> str:
+    """``prefix-rank4-alpha1``: a name git takes as a ref ('.' and ':' in values become '_')."""
     parts = [f"{key.rsplit('.', 1)[-1]}{value}" for key, value in overrides.items()]
-    return "-".join([prefix, *parts]).replace(".", "_")
+    return re.sub(r"[^A-Za-z0-9_-]", "_", "-".join([prefix, *parts]))
+
+
+def check_grid(grid: Any, jobs: Any) -> None:
+    """Refuse, before anything is queued, a grid with no points or a repeated value, and a jobs count below 1."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs={jobs!r} is invalid: an integer >= 1 is allowed")
+    if not isinstance(grid, dict) or not grid:
+        raise ValueError(f"grid={grid!r} is invalid: a mapping of params.yaml keys to lists of values is allowed")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"grid[{key!r}]={values!r} is invalid: a non-empty list of values is allowed")
+        if len({json.dumps(v, sort_keys=True) for v in values}) < len(values):
+            raise ValueError(f"grid[{key!r}]={values!r} repeats a value: each point runs once")
 
 
 @task
 def queue_points(points: list[dict[str, Any]], prefix: str) -> list[str]:
-    names = []
-    for overrides in points:
-        names.append(experiment_name(prefix, overrides))
-        dvc("exp", "run", "--queue", "--name", names[-1], *set_param_args(overrides))
+    """Queue every point, or none: a point DVC refuses (a name taken, say) takes the ones queued before it out again."""
+    names = [validate_experiment_name(experiment_name(prefix, overrides)) for overrides in points]
+    if len(set(names)) < len(names):
+        raise ValueError(f"the grid's points share experiment names {sorted({n for n in names if names.count(n) > 1})}")
+    queued = []
+    try:
+        for name, overrides in zip(names, points):
+            dvc("exp", "run", "--queue", "--name", name, *set_param_args(overrides))
+            queued.append(name)
+    except StageFailed:
+        if queued:
+            dvc("queue", "remove", *queued, check=False)
+        raise
     return names
 
 
 @task
 def run_queue(jobs: int) -> None:
-    dvc("exp", "run", "--run-all", "--jobs", str(jobs))
+    dvc("exp", "run", "--run-all", "--jobs", str(jobs))  # exits 0 even when a point fails: results_table tells
 
 
 def _plain(value: Any) -> Any:
@@ -58,29 +92,33 @@ def _plain(value: Any) -> Any:
 
 
 def results_table(names: list[str], keys: list[str]) -> list[dict[str, Any]]:
-    """One row per experiment: its params and headline metrics, from `dvc exp show`."""
+    """One row per experiment that ran to the end: its params and headline metrics, from `dvc exp show`."""
     import dvc.api
 
-    shown = {row.get("Experiment"): row for row in dvc.api.exp_show()}
-    rows = []
-    for name in names:
-        row = shown.get(name) or {}
-        rows.append({"experiment": name, **{key: _plain(row.get(key)) for key in keys},
-                     **{label: _plain(row.get(column, row.get(column.split(":", 1)[1])))
-                        for column, label in RESULT_COLUMNS.items()}})
-    return rows
+    # A failed run leaves a row (State "Failed") and no experiment; a finished one has no State or "Success".
+    shown = {row.get("Experiment"): row for row in dvc.api.exp_show() if row.get("State") in (None, "Success")}
+    return [{"experiment": name, **{key: _plain(shown[name].get(key)) for key in keys},
+             **{label: _plain(shown[name].get(column, shown[name].get(column.split(":", 1)[1])))
+                for column, label in RESULT_COLUMNS.items()}}
+            for name in names if name in shown]
 
 
 @flow(name="lora-mnist-sweep", log_prints=True)
 def sweep(grid: dict[str, list[Any]], prefix: str = "sweep", jobs: int = 2) -> list[dict[str, Any]]:
-    """Every combination of ``grid`` ({"lora.rank": [1, 2, 4]}) as a DVC experiment; returns their results."""
+    """Every combination of ``grid`` ({"lora.rank": [1, 2, 4]}) as a DVC experiment; returns their results.
+    Fails, naming them, when any point did not finish (`dvc queue logs <name>` says why)."""
+    check_grid(grid, jobs)
     points = grid_points(grid)
     for overrides in points:
         validate_overrides(overrides)  # every point is checked before any is queued
-    names = queue_points(points, prefix)
-    run_queue(jobs)
+    with checkout_lock():  # `--run-all` holds DVC's repo lock: a run without overrides waits for the sweep
+        with checkout_lock(SNAPSHOT_LOCK_FILE):  # queueing rewrites params.yaml for a moment: workspaces wait
+            names = queue_points(points, prefix)
+        run_queue(jobs)
     table = results_table(names, list(grid))
     create_table_artifact(key="sweep-results", table=table, description="One row per DVC experiment of the sweep")
+    if failed := [name for name in names if name not in {row["experiment"] for row in table}]:
+        raise StageFailed(f"sweep points {failed} did not finish; `dvc queue logs <name>` shows why")
     return table
 
 
@@ -99,6 +137,8 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
         key, sep, values = item.partition("=")
         if not sep or not key or not values:
             raise ParamsError(f"-S {item!r} is invalid: key=value1,value2 is allowed")
+        if key in grid:
+            raise ParamsError(f"-S {key} is given twice: one -S per key is allowed")
         grid[key] = [read_yaml(v, f"-S {item!r}") for v in values.split(",")]
     return grid
 

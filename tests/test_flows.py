@@ -141,6 +141,11 @@ def test_two_flows_started_together_with_different_overrides_each_record_only_th
     assert changed_params(flow_repo, "eB") == {"lora.alpha": (1, 2)}
     after = pipeline(training="local")  # no overrides: this checkout's params, nothing left to run
     assert set(ran(after).values()) == {"skipped"}
+    with pytest.raises(ValueError, match="experiment name 'eA' is taken by an experiment of HEAD"):
+        pipeline(overrides={"lora.alpha": 4}, training="local", experiment_name="eA")  # DVC's exp run -n refuses too
+    assert changed_params(flow_repo, "eA") == {"finetune.steps": (40, 30)}
+    with pytest.raises(ValueError, match="experiment_name='eC' is given without overrides"):
+        pipeline(training="local", experiment_name="eC")
 
 
 def test_sweep_queues_every_grid_point_in_dvcs_queue_runs_them_and_tables_their_results(flow_repo):
@@ -159,16 +164,47 @@ def test_sweep_queues_every_grid_point_in_dvcs_queue_runs_them_and_tables_their_
     assert "Queued" not in sh(flow_repo, "dvc", "queue", "status")
     with pytest.raises(ParamsError, match="lora.rank=1001 is invalid: 1..1000 is allowed"):
         sweep(grid={"lora.rank": [2, 1001]}, prefix="bad")
+    with pytest.raises(ValueError, match="jobs=0 is invalid"):  # tests/test_flow_arguments.py has the other refusals
+        sweep(grid={"lora.rank": [2]}, prefix="bad", jobs=0)
+    with pytest.raises(StageFailed, match="t-rank3"):  # t-rank4 is queued, then DVC refuses the taken name t-rank3
+        sweep(grid={"lora.rank": [4, 3]}, prefix="t")
+    assert "Queued" not in sh(flow_repo, "dvc", "queue", "status")  # all or nothing: t-rank4 was taken out again
 
 
-def test_without_a_dvc_remote_the_pipeline_keeps_training_in_process(flow_repo):
+def test_a_sweep_whose_point_fails_in_its_run_fails_naming_it_and_tables_only_the_finished_points(flow_repo):
+    from flows.sweep import sweep
+
+    pipeline(training="local")
+    sh(flow_repo, "git", "add", "-A")
+    sh(flow_repo, "git", "commit", "-qm", "baseline")
+    with pytest.raises(StageFailed, match=r"sweep points \['f-devicecuda_99'\] did not finish"):
+        sweep(grid={"device": ["cpu", "cuda:99"]}, prefix="f")  # cuda:99 passes the params check, fails in the run
+    assert [row["experiment"] for row in json.loads(Artifact.get("sweep-results").data)] == ["f-devicecpu"]
+
+
+def test_without_a_dvc_remote_a_deployment_or_committed_code_training_stays_in_process_or_is_refused(flow_repo):
     from flows.dvc_stage import has_default_remote
-    from flows.pipeline import gpu_pool_available
+    from flows.pipeline import gpu_pool_unavailable
 
     assert not has_default_remote()  # `dvc remote default` prints "No default remote set" and exits 1
-    assert not gpu_pool_available(flow_repo)
+    assert gpu_pool_unavailable(flow_repo) == "DVC has no default remote to carry the files (dvc remote add -d)"
+    with pytest.raises(StageFailed, match="training='gpu-pool' is not possible: DVC has no default remote"):
+        pipeline(training="gpu-pool")
+    assert not (flow_repo / "models").exists()  # refused before any stage ran
     sh(flow_repo, "dvc", "remote", "add", "-d", "--local", "shared", str(flow_repo.parent / "remote"))
     assert has_default_remote()
+    assert gpu_pool_unavailable(flow_repo) == "the server has no lora-mnist-train/gpu deployment (prefect deploy --all)"
+
+
+def test_code_a_gpu_worker_would_not_have_is_named_and_outputs_or_params_are_not(flow_repo):
+    from flows.handoff import uncommitted_code
+
+    assert uncommitted_code(("pretrain", "finetune"), flow_repo) == []
+    (flow_repo / "params.yaml").write_text((flow_repo / "params.yaml").read_text() + "\n")
+    with open(flow_repo / "lora" / "layer.py", "a") as handle:
+        handle.write("\n# a change not committed\n")
+    assert uncommitted_code(("pretrain", "finetune"), flow_repo) == ["lora/layer.py"]
+    assert uncommitted_code(("download",), flow_repo) == []
 
 
 def test_a_failing_stage_fails_the_flow_with_the_stages_own_error(flow_repo):

@@ -1,0 +1,61 @@
+"""What the flow commands refuse before anything runs, and how a sweep names and tables its points
+(flows/sweep.py, flows/pipeline.py): no Prefect server, no DVC."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from flows.sweep import check_grid, experiment_name, format_table, grid_points, parse_grid
+from tasks.params import ParamsError
+from tests.helpers import ROOT
+
+
+def test_a_grid_is_every_combination_of_its_values_read_as_yaml():
+    grid = parse_grid(["lora.rank=1,2", "finetune.lr=1e-3,0.01"])
+    assert grid == {"lora.rank": [1, 2], "finetune.lr": [0.001, 0.01]}
+    assert grid_points(grid) == [{"lora.rank": 1, "finetune.lr": 0.001}, {"lora.rank": 1, "finetune.lr": 0.01},
+                                 {"lora.rank": 2, "finetune.lr": 0.001}, {"lora.rank": 2, "finetune.lr": 0.01}]
+
+
+@pytest.mark.parametrize("items,message", [
+    (["lora.rank=1,2", "lora.rank=4"], "-S lora.rank is given twice"),
+    (["lora.rank"], "-S 'lora.rank' is invalid: key=value1,value2 is allowed"),
+    (["=1"], "is invalid: key=value1,value2 is allowed"),
+])
+def test_a_repeated_or_malformed_grid_key_is_refused(items, message):
+    with pytest.raises(ParamsError, match=message):
+        parse_grid(items)
+
+
+@pytest.mark.parametrize("grid,jobs,message", [
+    ({}, 2, "grid={} is invalid"),
+    ({"lora.rank": []}, 2, r"grid\['lora.rank'\]=\[\] is invalid: a non-empty list"),
+    ({"lora.rank": 4}, 2, r"grid\['lora.rank'\]=4 is invalid"),
+    ({"lora.rank": [2, 2]}, 2, "repeats a value"),
+    ({"lora.rank": [2]}, 0, "jobs=0 is invalid: an integer >= 1 is allowed"),
+    ({"lora.rank": [2]}, -1, "jobs=-1 is invalid"),
+    ({"lora.rank": [2]}, True, "jobs=True is invalid"),
+])
+def test_an_empty_grid_a_repeated_value_or_fewer_than_one_job_is_refused(grid, jobs, message):
+    with pytest.raises(ValueError, match=message):
+        check_grid(grid, jobs)
+
+
+def test_a_points_experiment_name_is_a_git_ref_name_for_any_value():
+    assert experiment_name("sweep", {"lora.rank": 4, "lora.alpha": 0.5}) == "sweep-rank4-alpha0_5"
+    assert experiment_name("s", {"device": "cuda:1"}) == "s-devicecuda_1"
+    assert experiment_name("s", {"lora.targets": ["fc1", "fc2"]}) == "s-targets__fc1____fc2__"
+
+
+def test_the_results_table_aligns_every_column_to_its_widest_cell():
+    text = format_table([{"experiment": "s-rank1", "accuracy": 0.9}, {"experiment": "s-rank16", "accuracy": None}])
+    assert text.splitlines() == ["experiment  accuracy", "s-rank1     0.9     ", "s-rank16    None    "]
+
+
+def test_the_pipeline_command_refuses_a_key_given_twice_in_one_line():
+    result = subprocess.run([sys.executable, "-m", "flows.pipeline", "-S", "lora.rank=2", "-S", "lora.rank=4"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["error: -S lora.rank is given more than once: one value per key is allowed"]
