@@ -78,7 +78,8 @@ def uncommitted_code(stages: tuple[str, ...], root: Path) -> list[str]:
     written = [PurePosixPath(out) for spec in specs for out in spec["outs"]]
     deps = sorted({dep for stage in stages for dep in declared(stage, root)["deps"]})
     changed = git("diff", "--name-only", "HEAD", "--", *deps, cwd=root).stdout.split()
-    return [path for path in changed if not any(PurePosixPath(path).is_relative_to(out) for out in written)]
+    changed += git("ls-files", "--others", "--exclude-standard", "--", *deps, cwd=root).stdout.split()  # not added yet
+    return sorted({path for path in changed if not any(PurePosixPath(path).is_relative_to(out) for out in written)})
 
 
 def upstream_entries(stage: str, root: Path) -> dict[str, Any]:

@@ -204,6 +204,8 @@ def test_code_a_gpu_worker_would_not_have_is_named_and_outputs_or_params_are_not
     with open(flow_repo / "lora" / "layer.py", "a") as handle:
         handle.write("\n# a change not committed\n")
     assert uncommitted_code(("pretrain", "finetune"), flow_repo) == ["lora/layer.py"]
+    sh(flow_repo, "git", "rm", "-q", "--cached", "lora/model.py")  # a file of the stage's that git does not track
+    assert uncommitted_code(("finetune",), flow_repo) == ["lora/layer.py", "lora/model.py"]
     assert uncommitted_code(("download",), flow_repo) == []
 
 
