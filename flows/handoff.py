@@ -74,9 +74,9 @@ def check_lock_entry(stage: str, entry: Any, root: Path) -> None:
 def uncommitted_code(stages: tuple[str, ...], root: Path) -> list[str]:
     """The dependencies of ``stages`` that differ from HEAD in ``root`` and that no stage writes: the code a gpu
     worker, which trains HEAD, would not have."""
-    specs = [declared(stage, root) for stage in STAGES]
-    written = [PurePosixPath(out) for spec in specs for out in spec["outs"]]
-    deps = sorted({dep for stage in stages for dep in declared(stage, root)["deps"]})
+    specs = {stage: declared(stage, root) for stage in STAGES}
+    written = [PurePosixPath(out) for spec in specs.values() for out in spec["outs"]]
+    deps = sorted({dep for stage in stages for dep in specs[stage]["deps"]})
     changed = git("diff", "--name-only", "HEAD", "--", *deps, cwd=root).stdout.split()
     changed += git("ls-files", "--others", "--exclude-standard", "--", *deps, cwd=root).stdout.split()  # not added yet
     return sorted({path for path in changed if not any(PurePosixPath(path).is_relative_to(out) for out in written)})

@@ -97,10 +97,13 @@ def results_table(names: list[str], keys: list[str]) -> list[dict[str, Any]]:
 
     # A failed run leaves a row (State "Failed") and no experiment; a finished one has no State or "Success".
     shown = {row.get("Experiment"): row for row in dvc.api.exp_show() if row.get("State") in (None, "Success")}
-    return [{"experiment": name, **{key: _plain(shown[name].get(key)) for key in keys},
-             **{label: _plain(shown[name].get(column, shown[name].get(column.split(":", 1)[1])))
-                for column, label in RESULT_COLUMNS.items()}}
-            for name in names if name in shown]
+    rows = []
+    for name in (name for name in names if name in shown):
+        row = shown[name]
+        rows.append({"experiment": name, **{key: _plain(row.get(key)) for key in keys},
+                     **{label: _plain(row.get(column, row.get(column.split(":", 1)[1])))
+                        for column, label in RESULT_COLUMNS.items()}})
+    return rows
 
 
 @flow(name="lora-mnist-sweep", log_prints=True)
@@ -117,7 +120,8 @@ def sweep(grid: dict[str, list[Any]], prefix: str = "sweep", jobs: int = 2) -> l
         run_queue(jobs)
     table = results_table(names, list(grid))
     create_table_artifact(key="sweep-results", table=table, description="One row per DVC experiment of the sweep")
-    if failed := [name for name in names if name not in {row["experiment"] for row in table}]:
+    finished = {row["experiment"] for row in table}
+    if failed := [name for name in names if name not in finished]:
         raise StageFailed(f"sweep points {failed} did not finish; `dvc queue logs <name>` shows why")
     return table
 
