@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import uuid
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from flows.dvc_stage import (
     validate_overrides,
 )
 from flows.handoff import accept_lock_entry, read_lock_entry, uncommitted_code, upstream_entries
-from tasks.params import PARAMS_FILE, ParamsError, load_params, parse_overrides, to_mapping
+from tasks.params import PARAMS_FILE, load_params, parse_overrides, to_mapping
 from tasks.paths import ADAPTER_DIR, BASE_WEIGHTS, EVALUATE_METRICS, FINETUNE_METRICS
 
 TRAIN_DEPLOYMENT = "lora-mnist-train/gpu"
@@ -217,9 +216,6 @@ def main() -> None:
     parser.add_argument("--name", help="experiment name when params are overridden")
     args = parser.parse_args()
     with one_line_errors():
-        keys = Counter(arg.partition("=")[0] for arg in args.overrides)
-        if repeated := sorted(key for key, count in keys.items() if count > 1):
-            raise ParamsError(f"-S {', '.join(repeated)} is given more than once: one value per key is allowed")
         result = pipeline(overrides=parse_overrides(args.overrides), training=args.training, experiment_name=args.name)
     for run in result["stages"]:
         print(f"{run['stage']}: {run['ran']}")

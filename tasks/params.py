@@ -179,5 +179,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         key, sep, value = arg.partition("=")
         if not sep or not key:
             raise ParamsError(f"override {arg!r} is invalid: key=value is allowed, for example lora.rank=4")
+        if key in overrides:
+            raise ParamsError(f"override {key} is given more than once: one value per key is allowed")
         overrides[key] = read_yaml(value, f"override {arg!r}") if value.strip() else None
     return overrides

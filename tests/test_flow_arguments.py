@@ -58,4 +58,4 @@ def test_the_pipeline_command_refuses_a_key_given_twice_in_one_line():
     result = subprocess.run([sys.executable, "-m", "flows.pipeline", "-S", "lora.rank=2", "-S", "lora.rank=4"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.splitlines() == ["error: -S lora.rank is given more than once: one value per key is allowed"]
+    assert result.stderr.splitlines() == ["error: override lora.rank is given more than once: one value per key is allowed"]

@@ -82,6 +82,11 @@ def test_numbers_with_an_exponent_are_numbers_as_dvc_writes_them(project):
     assert parse_overrides(["finetune.lr=1e+30", "lora.rank=2"]) == {"finetune.lr": 1e30, "lora.rank": 2}
 
 
+def test_an_override_key_given_twice_is_refused_not_the_last_one_taken():
+    with pytest.raises(ParamsError, match="override lora.rank is given more than once: one value per key is allowed"):
+        parse_overrides(["lora.rank=2", "lora.alpha=4", "lora.rank=8"])
+
+
 def test_overrides_are_validated_like_the_file():
     params = load_params(ROOT / "params.yaml")
     assert with_overrides(params, {"finetune.steps": 5}).finetune.steps == 5
