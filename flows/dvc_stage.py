@@ -26,7 +26,6 @@ STAGES = ("check_params", "download", "pretrain", "analyze", "finetune", "evalua
 TRAINING_STAGES = ("pretrain", "finetune")
 LOCK_FILE = Path(".dvc/tmp/lora-mnist-flow.lock")
 SAVE_LOCK_FILE = Path(".dvc/tmp/lora-mnist-exp-save.lock")  # `dvc exp save` in two worktrees at once races on git refs
-SNAPSHOT_LOCK_FILE = Path(".dvc/tmp/lora-mnist-snapshot.lock")  # `dvc exp run --queue` rewrites params.yaml for a moment
 
 
 class StageFailed(RuntimeError):
@@ -137,9 +136,8 @@ def experiment_workspace(name: str) -> Iterator[Path]:
         raise ValueError(f"experiment name {name!r} is taken by another flow run, or by one that stopped without "
                          f"cleaning up ({path}: remove it with `git worktree remove --force {path}`)") from None
     try:
-        with checkout_lock(SNAPSHOT_LOCK_FILE):  # never while a sweep is queueing its points
-            git("worktree", "add", "--detach", "-q", str(path), "HEAD")
-            changes = git("stash", "create").stdout.strip()  # a commit of the uncommitted changes; the checkout is untouched
+        git("worktree", "add", "--detach", "-q", str(path), "HEAD")
+        changes = git("stash", "create").stdout.strip()  # a commit of the uncommitted changes; the checkout is untouched
         if changes:
             git("checkout", changes, "--", ".", cwd=path)
             git("reset", "-q", cwd=path)

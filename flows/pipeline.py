@@ -43,6 +43,12 @@ from tasks.params import PARAMS_FILE, load_params, parse_overrides, to_mapping
 from tasks.paths import ADAPTER_DIR, BASE_WEIGHTS, EVALUATE_METRICS, FINETUNE_METRICS
 
 TRAIN_DEPLOYMENT = "lora-mnist-train/gpu"
+TRAINING_MODES = ("auto", "local", "gpu-pool")
+
+
+def check_training(training: Any) -> None:
+    if training not in TRAINING_MODES:
+        raise ValueError(f"training={training!r} is invalid: 'auto', 'local' or 'gpu-pool' is allowed")
 
 
 def skipped_if_up_to_date(stage: str, root: Path) -> State | None:
@@ -165,8 +171,7 @@ def pipeline(
         (`dvc exp show` lists it, `dvc exp apply` brings it here).
     training: "auto" (gpu pool when available), "local" or "gpu-pool".
     """
-    if training not in ("auto", "local", "gpu-pool"):
-        raise ValueError(f"training={training!r} is invalid: 'auto', 'local' or 'gpu-pool' is allowed")
+    check_training(training)
     if not overrides:
         if experiment_name is not None:
             raise ValueError(f"experiment_name={experiment_name!r} is given without overrides: only a run with "
@@ -212,7 +217,7 @@ def run_stages(root: Path, training: str, experiment: str | None) -> dict[str, A
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the LoRA-MNIST pipeline as a Prefect flow.")
     parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--training", choices=["auto", "local", "gpu-pool"], default="auto")
+    parser.add_argument("--training", choices=TRAINING_MODES, default="auto")
     parser.add_argument("--name", help="experiment name when params are overridden")
     args = parser.parse_args()
     with one_line_errors():

@@ -1,42 +1,50 @@
-"""The sweep flow: a thin Prefect wrapper around DVC's own experiment queue.
+"""The sweep flow: every point of a grid is a pipeline run with overrides (flows/pipeline.py), in a workspace
+of its own and saved as a DVC experiment, submitted to a Prefect task runner:
 
-Every point of the grid is queued with `dvc exp run --queue --name … -S key=value` (each point checked
-first), then `dvc exp run --run-all --jobs N` runs the queue, each point in its own temporary workspace;
-pretrain comes from DVC's run cache when only LoRA or fine-tuning params change. The flow ends with a
-table of the points' results, printed and published as an artifact. Without Prefect, the same is:
+- a thread pool, ``jobs`` points at a time (the default);
+- a Dask ``LocalCluster`` on 127.0.0.1 of ``jobs`` worker processes (``dask="local"``);
+- a running Dask cluster (``dask="tcp://host:8786"``) whose workers run in this checkout and reach the same
+  Prefect server (PREFECT_API_URL).
 
-    dvc exp run --queue -S lora.rank=1,2,4 && dvc exp run --run-all --jobs 2 && dvc exp show
+Dask comes with the ``dask`` extra (`pip install -e '.[dask]'`). The flow ends with a table of the points'
+results, printed and published as an artifact; it fails, naming them, when a point did not finish.
 
     python -m flows.sweep -S lora.rank=1,2,4,8 -S lora.alpha=1,4 --jobs 2
+    python -m flows.sweep -S lora.rank=1,2 --dask              # a LocalCluster of --jobs workers
+
+Without Prefect, DVC's own queue does the same:
+
+    dvc exp run --queue -S lora.rank=1,2,4 && dvc exp run --run-all --jobs 2 && dvc exp show
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import re
+import socket
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.settings import get_current_settings
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.dvc_stage import (
-    SNAPSHOT_LOCK_FILE,
-    StageFailed,
-    checkout_lock,
-    dvc,
-    one_line_errors,
-    set_param_args,
-    validate_experiment_name,
-    validate_overrides,
-)
+from flows.dvc_stage import StageFailed, experiment_exists, one_line_errors, validate_experiment_name, validate_overrides
+from flows.pipeline import TRAINING_MODES, check_training, pipeline
 from tasks.params import ParamsError, read_yaml
 
-RESULT_COLUMNS = {
-    "metrics/evaluate.json:digit": "digit",
-    "metrics/evaluate.json:digit_errors.base": "digit errors, base",
-    "metrics/evaluate.json:digit_errors.lora_on": "digit errors, LoRA on",
-    "metrics/evaluate.json:lora_on.accuracy": "accuracy, LoRA on",
+LOCAL_DASK = "local"
+SCHEDULER_ADDRESS = re.compile(r"(tcp|tls)://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d+")  # host or [IPv6], then port
+RESULT_COLUMNS = {  # label: the key path in metrics/evaluate.json
+    "digit": ("digit",),
+    "digit errors, base": ("digit_errors", "base"),
+    "digit errors, LoRA on": ("digit_errors", "lora_on"),
+    "accuracy, LoRA on": ("lora_on", "accuracy"),
 }
 
 
@@ -51,8 +59,10 @@ def experiment_name(prefix: str, overrides: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", "-".join([prefix, *parts]))
 
 
-def check_grid(grid: Any, jobs: Any) -> None:
-    """Refuse, before anything is queued, a grid with no points or a repeated value, and a jobs count below 1."""
+def check_grid(grid: Any, jobs: Any, dask: Any = None) -> None:
+    """Refuse, before anything runs, a grid with no points or a repeated value, a jobs count below 1, and a Dask
+    runner that is not installed, whose workers could not reach this flow's Prefect server or whose scheduler
+    does not answer."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs={jobs!r} is invalid: an integer >= 1 is allowed")
     if not isinstance(grid, dict) or not grid:
@@ -62,67 +72,93 @@ def check_grid(grid: Any, jobs: Any) -> None:
             raise ValueError(f"grid[{key!r}]={values!r} is invalid: a non-empty list of values is allowed")
         if len({json.dumps(v, sort_keys=True) for v in values}) < len(values):
             raise ValueError(f"grid[{key!r}]={values!r} repeats a value: each point runs once")
+    if dask is None:
+        return
+    if not isinstance(dask, str) or not (dask == LOCAL_DASK or SCHEDULER_ADDRESS.fullmatch(dask)):
+        raise ValueError(f"dask={dask!r} is invalid: 'local' or a scheduler address tcp://host:port is allowed")
+    if importlib.util.find_spec("prefect_dask") is None:
+        raise ValueError(f"dask={dask!r} needs prefect-dask, which is not installed: pip install -e '.[dask]'")
+    if dask == LOCAL_DASK:
+        return
+    if not get_current_settings().api.url:
+        raise ValueError(f"dask={dask!r} needs a Prefect server its workers reach (PREFECT_API_URL): a temporary "
+                         "one lives in this process only")
+    scheduler = urlsplit(dask)
+    try:
+        socket.create_connection((scheduler.hostname, scheduler.port), timeout=10).close()
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"dask={dask!r}: no Dask scheduler answers there ({exc})") from None
 
 
-@task
-def queue_points(points: list[dict[str, Any]], prefix: str) -> list[str]:
-    """Queue every point, or none: a point DVC refuses (a name taken, say) takes the ones queued before it out again."""
+def point_names(points: list[dict[str, Any]], prefix: str) -> list[str]:
+    """Every point's experiment name, refused before any point runs when two share one or HEAD has one already."""
     names = [validate_experiment_name(experiment_name(prefix, overrides)) for overrides in points]
     if len(set(names)) < len(names):
         raise ValueError(f"the grid's points share experiment names {sorted({n for n in names if names.count(n) > 1})}")
-    queued = []
-    try:
-        for name, overrides in zip(names, points):
-            dvc("exp", "run", "--queue", "--name", name, *set_param_args(overrides))
-            queued.append(name)
-    except StageFailed:
-        if queued:
-            dvc("queue", "remove", *queued, check=False)
-        raise
+    if taken := [name for name in names if experiment_exists(name)]:
+        raise ValueError(f"experiment names {taken} are taken by experiments of HEAD: choose another prefix, or "
+                         "`dvc exp remove` them first")
     return names
 
 
-@task
-def run_queue(jobs: int) -> None:
-    dvc("exp", "run", "--run-all", "--jobs", str(jobs))  # exits 0 even when a point fails: results_table tells
+def task_runner(jobs: int, dask: str | None, api_url: str) -> TaskRunner:
+    if dask is None:
+        return ThreadPoolTaskRunner(max_workers=jobs)
+    from prefect_dask import DaskTaskRunner
+
+    if dask != LOCAL_DASK:
+        return DaskTaskRunner(address=dask)
+    # The worker processes report to this flow's server, a temporary one too; otherwise each starts its own.
+    return DaskTaskRunner(cluster_kwargs={"n_workers": jobs, "threads_per_worker": 1, "host": "127.0.0.1",
+                                          "dashboard_address": None, "env": {"PREFECT_API_URL": api_url}})
 
 
-def _plain(value: Any) -> Any:
-    return int(value) if isinstance(value, float) and value.is_integer() else value  # exp_show gives every number as float
+@task(task_run_name="{name}")
+def run_point(overrides: dict[str, Any], name: str, checkout: str, training: str) -> dict[str, Any]:
+    """One point: the pipeline flow with ``overrides``, saved as DVC experiment ``name``."""
+    if Path.cwd().resolve() != Path(checkout):
+        raise StageFailed(f"this worker runs in {Path.cwd()}, not in the sweep's checkout {checkout}: start the "
+                          "Dask workers from the checkout's root")
+    return pipeline(overrides=overrides, training=training, experiment_name=name)
 
 
-def results_table(names: list[str], keys: list[str]) -> list[dict[str, Any]]:
-    """One row per experiment that ran to the end: its params and headline metrics, from `dvc exp show`."""
-    import dvc.api
-
-    # A failed run leaves a row (State "Failed") and no experiment; a finished one has no State or "Success".
-    shown = {row.get("Experiment"): row for row in dvc.api.exp_show() if row.get("State") in (None, "Success")}
-    rows = []
-    for name in (name for name in names if name in shown):
-        row = shown[name]
-        rows.append({"experiment": name, **{key: _plain(row.get(key)) for key in keys},
-                     **{label: _plain(row.get(column, row.get(column.split(":", 1)[1])))
-                        for column, label in RESULT_COLUMNS.items()}})
-    return rows
+def result_row(name: str, overrides: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    row = {"experiment": name, **overrides}
+    for label, path in RESULT_COLUMNS.items():
+        value = metrics
+        for key in path:
+            value = value[key]
+        row[label] = value
+    return row
 
 
 @flow(name="lora-mnist-sweep", log_prints=True)
-def sweep(grid: dict[str, list[Any]], prefix: str = "sweep", jobs: int = 2) -> list[dict[str, Any]]:
+def sweep(grid: dict[str, list[Any]], prefix: str = "sweep", jobs: int = 2, dask: str | None = None,
+          training: str = "auto") -> list[dict[str, Any]]:
     """Every combination of ``grid`` ({"lora.rank": [1, 2, 4]}) as a DVC experiment; returns their results.
-    Fails, naming them, when any point did not finish (`dvc queue logs <name>` says why)."""
-    check_grid(grid, jobs)
+
+    jobs: points at a time, on threads or on a local Dask cluster's worker processes.
+    dask: None (threads), "local" (a LocalCluster on 127.0.0.1) or a running cluster's scheduler address.
+    training: as the pipeline flow takes it, for every point.
+    """
+    check_grid(grid, jobs, dask)
+    check_training(training)
     points = grid_points(grid)
     for overrides in points:
-        validate_overrides(overrides)  # every point is checked before any is queued
-    with checkout_lock():  # `--run-all` holds DVC's repo lock: a run without overrides waits for the sweep
-        with checkout_lock(SNAPSHOT_LOCK_FILE):  # queueing rewrites params.yaml for a moment: workspaces wait
-            names = queue_points(points, prefix)
-        run_queue(jobs)
-    table = results_table(names, list(grid))
+        validate_overrides(overrides)  # every point is checked before any runs
+    names = point_names(points, prefix)
+    checkout = str(Path.cwd().resolve())
+    with task_runner(jobs, dask, str(get_client().api_url)) as runner:
+        futures = [runner.submit(run_point, parameters={"overrides": overrides, "name": name, "checkout": checkout,
+                                                        "training": training})
+                   for name, overrides in zip(names, points)]
+        outcomes = [future.result(raise_on_failure=False) for future in futures]
+    table = [result_row(name, overrides, outcome["metrics"]) for name, overrides, outcome in zip(names, points, outcomes)
+             if not isinstance(outcome, BaseException)]
     create_table_artifact(key="sweep-results", table=table, description="One row per DVC experiment of the sweep")
-    finished = {row["experiment"] for row in table}
-    if failed := [name for name in names if name not in finished]:
-        raise StageFailed(f"sweep points {failed} did not finish; `dvc queue logs <name>` shows why")
+    if failed := {name: outcome for name, outcome in zip(names, outcomes) if isinstance(outcome, BaseException)}:
+        reasons = "; ".join(f"{name}: {error}" for name, error in failed.items())
+        raise StageFailed(f"sweep points {list(failed)} did not finish: {reasons}")
     return table
 
 
@@ -148,13 +184,19 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Run a grid of LoRA-MNIST experiments through DVC's queue.")
+    parser = argparse.ArgumentParser(description="Run a grid of LoRA-MNIST experiments, each a DVC experiment.")
     parser.add_argument("-S", "--set-param", dest="grid", action="append", required=True, metavar="KEY=V1,V2,…")
-    parser.add_argument("--jobs", type=int, default=2, help="experiments at a time (default 2)")
+    parser.add_argument("--jobs", type=int, default=2, help="points at a time on threads or a LocalCluster (default 2)")
+    parser.add_argument("--dask", nargs="?", const=LOCAL_DASK, metavar="ADDRESS",
+                        help="run the points on Dask: a LocalCluster of --jobs workers, or the scheduler at ADDRESS")
+    parser.add_argument("--training", choices=TRAINING_MODES, default="auto")
     parser.add_argument("--prefix", default="sweep")
     args = parser.parse_args()
     with one_line_errors():
-        table = sweep(grid=parse_grid(args.grid), prefix=args.prefix, jobs=args.jobs)
+        grid = parse_grid(args.grid)
+        check_grid(grid, args.jobs, args.dask)  # refused before a temporary Prefect server starts
+        table = sweep(grid=grid, prefix=args.prefix, jobs=args.jobs, dask=args.dask,
+                      training=args.training)
     print(format_table(table))
 
 

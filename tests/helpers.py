@@ -7,10 +7,13 @@ import getpass
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -276,3 +279,32 @@ def changed_params(repo: Path, experiment: str, env: dict[str, str] | None = Non
     """{key: (value at HEAD, value in ``experiment``)} for each param `dvc params diff` finds changed."""
     diff = json.loads(sh(repo, "dvc", "params", "diff", "HEAD", experiment, "--json", env=env))
     return {key: (change["old"], change["new"]) for key, change in diff.get("params.yaml", {}).items()}
+
+
+@contextmanager
+def dask_cluster(worker_dir: Path, env: dict[str, str], log_dir: Path) -> Iterator[str]:
+    """A Dask scheduler and one single-threaded worker on 127.0.0.1, as `dask scheduler` and `dask worker` start
+    them, the worker in ``worker_dir`` under ``env``; yields the scheduler's address and stops both afterwards."""
+    from distributed import Client
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    commands = {
+        "scheduler": ([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port",
+                       address.rsplit(":", 1)[1], "--no-dashboard"], log_dir),
+        "worker": ([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", "1", "--nthreads", "1",
+                    "--host", "127.0.0.1", "--no-dashboard", "--no-nanny"], worker_dir),
+    }
+    processes = []
+    try:
+        for name, (command, cwd) in commands.items():
+            with open(log_dir / f"dask-{name}.log", "w") as log:
+                processes.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                  start_new_session=True))
+        with Client(address, timeout="60s") as client:
+            client.wait_for_workers(1, timeout=60)
+        yield address
+    finally:
+        for process in processes:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)

@@ -9,7 +9,7 @@ import pytest
 
 from flows.sweep import check_grid, experiment_name, format_table, grid_points, parse_grid
 from tasks.params import ParamsError
-from tests.helpers import ROOT
+from tests.helpers import ROOT, free_port
 
 
 def test_a_grid_is_every_combination_of_its_values_read_as_yaml():
@@ -41,6 +41,34 @@ def test_a_repeated_or_malformed_grid_key_is_refused(items, message):
 def test_an_empty_grid_a_repeated_value_or_fewer_than_one_job_is_refused(grid, jobs, message):
     with pytest.raises(ValueError, match=message):
         check_grid(grid, jobs)
+
+
+@pytest.mark.parametrize("dask,message", [
+    ("127.0.0.1:8786", "dask='127.0.0.1:8786' is invalid: 'local' or a scheduler address"),
+    (True, "dask=True is invalid"),
+    ("tcp://127.0.0.1", "is invalid: 'local' or a scheduler address tcp://host:port"),
+    ("tcp://127.0.0.1:8786", "needs a Prefect server its workers reach"),  # no PREFECT_API_URL here
+])
+def test_a_malformed_dask_address_or_a_cluster_without_a_prefect_server_is_refused(dask, message):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}), pytest.raises(ValueError, match=message):
+        check_grid({"lora.rank": [2]}, 2, dask)
+
+
+def test_a_dask_scheduler_address_where_nothing_listens_is_refused_before_anything_runs():
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        with pytest.raises(ValueError, match=f"dask='{address}': no Dask scheduler answers there"):
+            check_grid({"lora.rank": [2]}, 2, address)
+
+
+def test_dask_without_prefect_dask_installed_is_refused_with_the_install_command(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None)
+    with pytest.raises(ValueError, match=r"dask='local' needs prefect-dask, which is not installed: pip install"):
+        check_grid({"lora.rank": [2]}, 2, "local")
 
 
 def test_a_points_experiment_name_is_a_git_ref_name_for_any_value():

@@ -14,7 +14,7 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.dvc_stage import STAGES, StageFailed
 from flows.pipeline import pipeline
 from tasks.params import ParamsError
-from tests.helpers import changed_params, run_env, sh
+from tests.helpers import ROOT, changed_params, dask_cluster, run_env, sh
 
 pytestmark = pytest.mark.slow
 
@@ -148,27 +148,36 @@ def test_two_flows_started_together_with_different_overrides_each_record_only_th
         pipeline(training="local", experiment_name="eC")
 
 
-def test_sweep_queues_every_grid_point_in_dvcs_queue_runs_them_and_tables_their_results(flow_repo):
+def test_a_sweep_saves_each_point_as_an_experiment_and_gets_the_same_results_on_a_dask_local_cluster(flow_repo):
     from flows.sweep import sweep
 
     pipeline(training="local")
     sh(flow_repo, "git", "add", "-A")
     sh(flow_repo, "git", "commit", "-qm", "baseline")
-    table = sweep(grid={"lora.rank": [2, 3]}, prefix="t", jobs=2)
-    assert [row["experiment"] for row in table] == ["t-rank2", "t-rank3"]
-    assert [row["lora.rank"] for row in table] == [2, 3]
-    assert all(isinstance(row["digit errors, LoRA on"], int) for row in table), table
-    assert json.loads(Artifact.get("sweep-results").data) == json.loads(json.dumps(table))
+    params_before = (flow_repo / "params.yaml").read_bytes()
+    on_threads = sweep(grid={"lora.rank": [2, 3]}, prefix="t", jobs=2)
+    assert [row["experiment"] for row in on_threads] == ["t-rank2", "t-rank3"]
+    assert [row["lora.rank"] for row in on_threads] == [2, 3]
+    assert all(isinstance(row["digit errors, LoRA on"], int) for row in on_threads), on_threads
+    assert json.loads(Artifact.get("sweep-results").data) == json.loads(json.dumps(on_threads))
+    assert changed_params(flow_repo, "t-rank3") == {"lora.rank": (1, 3)}
     diff = json.loads(sh(flow_repo, "dvc", "metrics", "diff", "HEAD", "t-rank3", "--json"))
     assert diff["metrics/finetune.json"]["trainable_parameters"]["new"] == 3 * 6794
-    assert "Queued" not in sh(flow_repo, "dvc", "queue", "status")
+
+    on_dask = sweep(grid={"lora.rank": [2, 3]}, prefix="d", jobs=2, dask="local")  # two worker processes
+    assert [row["experiment"] for row in on_dask] == ["d-rank2", "d-rank3"]
+    assert [{**row, "experiment": ""} for row in on_dask] == [{**row, "experiment": ""} for row in on_threads]
+    for rank in (2, 3):
+        assert json.loads(sh(flow_repo, "dvc", "metrics", "diff", f"t-rank{rank}", f"d-rank{rank}", "--json")) == {}
+    assert (flow_repo / "params.yaml").read_bytes() == params_before
+    assert "Data and pipelines are up to date" in sh(flow_repo, "dvc", "status", "dvc.yaml")
+
     with pytest.raises(ParamsError, match="lora.rank=1001 is invalid: 1..1000 is allowed"):
         sweep(grid={"lora.rank": [2, 1001]}, prefix="bad")
-    with pytest.raises(ValueError, match="jobs=0 is invalid"):  # tests/test_flow_arguments.py has the other refusals
-        sweep(grid={"lora.rank": [2]}, prefix="bad", jobs=0)
-    with pytest.raises(StageFailed, match="t-rank3"):  # t-rank4 is queued, then DVC refuses the taken name t-rank3
-        sweep(grid={"lora.rank": [4, 3]}, prefix="t")
-    assert "Queued" not in sh(flow_repo, "dvc", "queue", "status")  # all or nothing: t-rank4 was taken out again
+    with pytest.raises(ValueError, match=r"experiment names \['t-rank3'\] are taken"):
+        sweep(grid={"lora.rank": [4, 3]}, prefix="t")  # all or none: t-rank4 does not run either
+    assert changed_params(flow_repo, "t-rank3") == {"lora.rank": (1, 3)}
+    assert "t-rank4" not in sh(flow_repo, "dvc", "exp", "list", "--name-only")
 
 
 def test_a_sweep_whose_point_fails_in_its_run_fails_naming_it_and_tables_only_the_finished_points(flow_repo):
@@ -177,9 +186,32 @@ def test_a_sweep_whose_point_fails_in_its_run_fails_naming_it_and_tables_only_th
     pipeline(training="local")
     sh(flow_repo, "git", "add", "-A")
     sh(flow_repo, "git", "commit", "-qm", "baseline")
-    with pytest.raises(StageFailed, match=r"sweep points \['f-devicecuda_99'\] did not finish"):
+    with pytest.raises(StageFailed, match=r"sweep points \['f-devicecuda_99'\] did not finish: f-devicecuda_99: .*cuda"):
         sweep(grid={"device": ["cpu", "cuda:99"]}, prefix="f")  # cuda:99 passes the params check, fails in the run
     assert [row["experiment"] for row in json.loads(Artifact.get("sweep-results").data)] == ["f-devicecpu"]
+    assert sh(flow_repo, "dvc", "exp", "list", "--name-only").split() == ["f-devicecpu"]
+
+
+def test_a_sweep_on_a_running_dask_cluster_runs_in_workers_started_in_the_checkout_and_refuses_others(flow_repo,
+                                                                                                   tmp_path):
+    from prefect.settings import get_current_settings
+
+    from flows.sweep import sweep
+
+    pipeline(training="local")
+    sh(flow_repo, "git", "add", "-A")
+    sh(flow_repo, "git", "commit", "-qm", "baseline")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = dict(run_env(), PREFECT_API_URL=get_current_settings().api.url, PYTHONPATH=str(ROOT))
+    with dask_cluster(elsewhere, env, tmp_path / "logs") as address:
+        with pytest.raises(StageFailed, match=r"w-rank2: this worker runs in .*elsewhere, not in the sweep's checkout"):
+            sweep(grid={"lora.rank": [2]}, prefix="w", dask=address)
+    assert "w-rank2" not in sh(flow_repo, "dvc", "exp", "list", "--name-only")
+    with dask_cluster(flow_repo, env, tmp_path / "logs") as address:
+        table = sweep(grid={"lora.rank": [2]}, prefix="w", dask=address)
+    assert [row["experiment"] for row in table] == ["w-rank2"]
+    assert changed_params(flow_repo, "w-rank2") == {"lora.rank": (1, 2)}
 
 
 def test_without_a_dvc_remote_a_deployment_or_committed_code_training_stays_in_process_or_is_refused(flow_repo):
