@@ -57,7 +57,7 @@ def one_line_errors() -> Iterator[None]:
     """For the flow commands: a known failure becomes one line on stderr and exit status 2."""
     try:
         yield
-    except (*EXPECTED_ERRORS, ParamsError, StageFailed, TimeoutError, ValueError) as exc:
+    except (*EXPECTED_ERRORS, OSError, ParamsError, StageFailed, ValueError) as exc:  # OSError: a lock timeout too
         print(f"error: {exc}", file=sys.stderr)  # Prefect has logged the traceback already
         sys.exit(2)
 
@@ -136,8 +136,9 @@ def experiment_workspace(name: str) -> Iterator[Path]:
         raise ValueError(f"experiment name {name!r} is taken by another flow run, or by one that stopped without "
                          f"cleaning up ({path}: remove it with `git worktree remove --force {path}`)") from None
     try:
-        git("worktree", "add", "--detach", "-q", str(path), "HEAD")
-        changes = git("stash", "create").stdout.strip()  # a commit of the uncommitted changes; the checkout is untouched
+        with checkout_lock():  # `git stash create` takes .git/index.lock, and a run in the checkout rewrites dvc.lock
+            git("worktree", "add", "--detach", "-q", str(path), "HEAD")
+            changes = git("stash", "create").stdout.strip()  # a commit of the uncommitted changes; the checkout is untouched
         if changes:
             git("checkout", changes, "--", ".", cwd=path)
             git("reset", "-q", cwd=path)
@@ -170,7 +171,8 @@ def use_checkout_dvc_config(root: Path, workspace: Path) -> None:
 
 @contextmanager
 def checkout_lock(lock_file: Path = LOCK_FILE, timeout_s: float = 3600.0, poll_s: float = 1.0) -> Iterator[None]:
-    """One pipeline run per checkout at a time: a second one waits here instead of corrupting the first."""
+    """One pipeline run per checkout at a time, and no workspace snapshot while one runs: the second waits here
+    instead of corrupting or copying the first's half-written files."""
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_file, "w") as handle:
         deadline = time.monotonic() + timeout_s

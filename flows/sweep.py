@@ -3,8 +3,8 @@ of its own and saved as a DVC experiment, submitted to a Prefect task runner:
 
 - a thread pool, ``jobs`` points at a time (the default);
 - a Dask ``LocalCluster`` on 127.0.0.1 of ``jobs`` worker processes (``dask="local"``);
-- a running Dask cluster (``dask="tcp://host:8786"``) whose workers run in this checkout and reach the same
-  Prefect server (PREFECT_API_URL).
+- a running Dask cluster on this machine (``dask="tcp://127.0.0.1:8786"``) whose workers were started from this
+  checkout's root; the sweep then needs a Prefect server (PREFECT_API_URL), whose address reaches them.
 
 Dask comes with the ``dask`` extra (`pip install -e '.[dask]'`). The flow ends with a table of the points'
 results, printed and published as an artifact; it fails, naming them, when a point did not finish.
@@ -39,7 +39,8 @@ from flows.pipeline import TRAINING_MODES, check_training, pipeline
 from tasks.params import ParamsError, read_yaml
 
 LOCAL_DASK = "local"
-SCHEDULER_ADDRESS = re.compile(r"(tcp|tls)://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d+")  # host or [IPv6], then port
+SCHEDULER_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d+")  # host or [IPv6], then port
+PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,49}")
 RESULT_COLUMNS = {  # label: the key path in metrics/evaluate.json
     "digit": ("digit",),
     "digit errors, base": ("digit_errors", "base"),
@@ -55,14 +56,13 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 def experiment_name(prefix: str, overrides: dict[str, Any]) -> str:
     """``prefix-rank4-alpha1``: a name git takes as a ref ('.' and ':' in values become '_')."""
-    parts = [f"{key.rsplit('.', 1)[-1]}{value}" for key, value in overrides.items()]
-    return re.sub(r"[^A-Za-z0-9_-]", "_", "-".join([prefix, *parts]))
+    parts = [re.sub(r"[^A-Za-z0-9_-]", "_", f"{key.rsplit('.', 1)[-1]}{value}") for key, value in overrides.items()]
+    return "-".join([prefix, *parts])
 
 
 def check_grid(grid: Any, jobs: Any, dask: Any = None) -> None:
-    """Refuse, before anything runs, a grid with no points or a repeated value, a jobs count below 1, and a Dask
-    runner that is not installed, whose workers could not reach this flow's Prefect server or whose scheduler
-    does not answer."""
+    """Refuse a grid with no points or a repeated value, a jobs count below 1, and a Dask runner that is not
+    installed, whose workers could not reach this flow's Prefect server or whose scheduler does not answer."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs={jobs!r} is invalid: an integer >= 1 is allowed")
     if not isinstance(grid, dict) or not grid:
@@ -70,7 +70,7 @@ def check_grid(grid: Any, jobs: Any, dask: Any = None) -> None:
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ValueError(f"grid[{key!r}]={values!r} is invalid: a non-empty list of values is allowed")
-        if len({json.dumps(v, sort_keys=True) for v in values}) < len(values):
+        if len({json.dumps(v, sort_keys=True, default=repr) for v in values}) < len(values):
             raise ValueError(f"grid[{key!r}]={values!r} repeats a value: each point runs once")
     if dask is None:
         return
@@ -90,6 +90,19 @@ def check_grid(grid: Any, jobs: Any, dask: Any = None) -> None:
         raise ValueError(f"dask={dask!r}: no Dask scheduler answers there ({exc})") from None
 
 
+def plan(grid: Any, prefix: Any, jobs: Any, dask: Any, training: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    """The grid's points and their experiment names, once everything is checked: nothing has run yet."""
+    check_grid(grid, jobs, dask)
+    check_training(training)
+    if not isinstance(prefix, str) or not PREFIX.fullmatch(prefix):
+        raise ValueError(f"prefix={prefix!r} is invalid: up to 50 letters, digits, '_' and '-', starting with a "
+                         "letter or digit, are allowed")
+    points = grid_points(grid)
+    for overrides in points:
+        validate_overrides(overrides)
+    return points, point_names(points, prefix)
+
+
 def point_names(points: list[dict[str, Any]], prefix: str) -> list[str]:
     """Every point's experiment name, refused before any point runs when two share one or HEAD has one already."""
     names = [validate_experiment_name(experiment_name(prefix, overrides)) for overrides in points]
@@ -101,24 +114,26 @@ def point_names(points: list[dict[str, Any]], prefix: str) -> list[str]:
     return names
 
 
-def task_runner(jobs: int, dask: str | None, api_url: str) -> TaskRunner:
+def task_runner(jobs: int, dask: str | None) -> TaskRunner:
     if dask is None:
         return ThreadPoolTaskRunner(max_workers=jobs)
     from prefect_dask import DaskTaskRunner
 
     if dask != LOCAL_DASK:
         return DaskTaskRunner(address=dask)
-    # The worker processes report to this flow's server, a temporary one too; otherwise each starts its own.
+    with get_client(sync_client=True) as client:
+        api_url = str(client.api_url)  # a temporary server's too: otherwise each worker process starts its own
     return DaskTaskRunner(cluster_kwargs={"n_workers": jobs, "threads_per_worker": 1, "host": "127.0.0.1",
                                           "dashboard_address": None, "env": {"PREFECT_API_URL": api_url}})
 
 
 @task(task_run_name="{name}")
-def run_point(overrides: dict[str, Any], name: str, checkout: str, training: str) -> dict[str, Any]:
-    """One point: the pipeline flow with ``overrides``, saved as DVC experiment ``name``."""
-    if Path.cwd().resolve() != Path(checkout):
-        raise StageFailed(f"this worker runs in {Path.cwd()}, not in the sweep's checkout {checkout}: start the "
-                          "Dask workers from the checkout's root")
+def run_point(overrides: dict[str, Any], name: str, checkout: str, host: str, training: str) -> dict[str, Any]:
+    """One point: the pipeline flow with ``overrides``, saved as DVC experiment ``name`` in the sweep's checkout."""
+    here = f"{socket.gethostname()}:{Path.cwd().resolve()}"
+    if here != f"{host}:{checkout}":
+        raise StageFailed(f"this worker runs in {here}, not in the sweep's checkout {host}:{checkout}: start the "
+                          "Dask workers on that machine, from the checkout's root")
     return pipeline(overrides=overrides, training=training, experiment_name=name)
 
 
@@ -132,27 +147,27 @@ def result_row(name: str, overrides: dict[str, Any], metrics: dict[str, Any]) ->
     return row
 
 
-@flow(name="lora-mnist-sweep", log_prints=True)
+@flow(name="lora-mnist-sweep", log_prints=True, validate_parameters=False)  # plan() checks them, coercing nothing
 def sweep(grid: dict[str, list[Any]], prefix: str = "sweep", jobs: int = 2, dask: str | None = None,
           training: str = "auto") -> list[dict[str, Any]]:
     """Every combination of ``grid`` ({"lora.rank": [1, 2, 4]}) as a DVC experiment; returns their results.
 
-    jobs: points at a time, on threads or on a local Dask cluster's worker processes.
+    jobs: points at a time, on threads or on a local Dask cluster's worker processes (a running cluster runs as
+        many as it has workers).
     dask: None (threads), "local" (a LocalCluster on 127.0.0.1) or a running cluster's scheduler address.
     training: as the pipeline flow takes it, for every point.
     """
-    check_grid(grid, jobs, dask)
-    check_training(training)
-    points = grid_points(grid)
-    for overrides in points:
-        validate_overrides(overrides)  # every point is checked before any runs
-    names = point_names(points, prefix)
-    checkout = str(Path.cwd().resolve())
-    with task_runner(jobs, dask, str(get_client().api_url)) as runner:
-        futures = [runner.submit(run_point, parameters={"overrides": overrides, "name": name, "checkout": checkout,
-                                                        "training": training})
+    points, names = plan(grid, prefix, jobs, dask, training)
+    where = {"checkout": str(Path.cwd().resolve()), "host": socket.gethostname(), "training": training}
+    outcomes: list[Any] = []
+    with task_runner(min(jobs, len(points)), dask) as runner:
+        futures = [runner.submit(run_point, parameters={"overrides": overrides, "name": name, **where})
                    for name, overrides in zip(names, points)]
-        outcomes = [future.result(raise_on_failure=False) for future in futures]
+        for future in futures:  # every one waited for, so no point is cut off when the runner closes
+            try:
+                outcomes.append(future.result(raise_on_failure=False))
+            except Exception as exc:  # the runner's own failure: a Dask worker lost, a task it could not load
+                outcomes.append(exc)
     table = [result_row(name, overrides, outcome["metrics"]) for name, overrides, outcome in zip(names, points, outcomes)
              if not isinstance(outcome, BaseException)]
     create_table_artifact(key="sweep-results", table=table, description="One row per DVC experiment of the sweep")
@@ -194,7 +209,7 @@ def main() -> None:
     args = parser.parse_args()
     with one_line_errors():
         grid = parse_grid(args.grid)
-        check_grid(grid, args.jobs, args.dask)  # refused before a temporary Prefect server starts
+        plan(grid, args.prefix, args.jobs, args.dask, args.training)  # refused before a temporary Prefect server starts
         table = sweep(grid=grid, prefix=args.prefix, jobs=args.jobs, dask=args.dask,
                       training=args.training)
     print(format_table(table))

@@ -305,6 +305,11 @@ def dask_cluster(worker_dir: Path, env: dict[str, str], log_dir: Path) -> Iterat
             client.wait_for_workers(1, timeout=60)
         yield address
     finally:
-        for process in processes:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
+        for process in reversed(processes):  # the worker first: without its scheduler it waits to reconnect
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)

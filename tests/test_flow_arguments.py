@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from flows.sweep import check_grid, experiment_name, format_table, grid_points, parse_grid
+from flows.sweep import check_grid, experiment_name, format_table, grid_points, parse_grid, plan
 from tasks.params import ParamsError
 from tests.helpers import ROOT, free_port
 
@@ -47,6 +47,7 @@ def test_an_empty_grid_a_repeated_value_or_fewer_than_one_job_is_refused(grid, j
     ("127.0.0.1:8786", "dask='127.0.0.1:8786' is invalid: 'local' or a scheduler address"),
     (True, "dask=True is invalid"),
     ("tcp://127.0.0.1", "is invalid: 'local' or a scheduler address tcp://host:port"),
+    ("tls://127.0.0.1:8786", "is invalid"),  # no security settings to pass
     ("tcp://127.0.0.1:8786", "needs a Prefect server its workers reach"),  # no PREFECT_API_URL here
 ])
 def test_a_malformed_dask_address_or_a_cluster_without_a_prefect_server_is_refused(dask, message):
@@ -69,6 +70,23 @@ def test_dask_without_prefect_dask_installed_is_refused_with_the_install_command
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None)
     with pytest.raises(ValueError, match=r"dask='local' needs prefect-dask, which is not installed: pip install"):
         check_grid({"lora.rank": [2]}, 2, "local")
+
+
+@pytest.mark.parametrize("prefix,training,message", [
+    ("my.sweep", "auto", "prefix='my.sweep' is invalid: up to 50 letters, digits"),
+    ("", "auto", "prefix='' is invalid"),
+    ("s", "gpu", "training='gpu' is invalid: 'auto', 'local' or 'gpu-pool' is allowed"),
+])
+def test_a_prefix_that_would_be_rewritten_or_an_unknown_training_mode_is_refused(prefix, training, message):
+    with pytest.raises(ValueError, match=message):
+        plan({"lora.rank": [2]}, prefix, 2, None, training)
+
+
+def test_a_grid_value_json_cannot_write_is_refused_by_the_params_check_not_by_a_traceback():
+    grid = parse_grid(["seed=2020-01-01,3"])
+    check_grid(grid, 2)
+    with pytest.raises(ParamsError, match="seed"):
+        plan(grid, "s", 2, None, "auto")
 
 
 def test_a_points_experiment_name_is_a_git_ref_name_for_any_value():

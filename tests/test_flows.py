@@ -11,7 +11,7 @@ import pytest
 from prefect.artifacts import Artifact
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.dvc_stage import STAGES, StageFailed
+from flows.dvc_stage import STAGES, WORKSPACES, StageFailed
 from flows.pipeline import pipeline
 from tasks.params import ParamsError
 from tests.helpers import ROOT, changed_params, dask_cluster, run_env, sh
@@ -148,13 +148,21 @@ def test_two_flows_started_together_with_different_overrides_each_record_only_th
         pipeline(training="local", experiment_name="eC")
 
 
-def test_a_sweep_saves_each_point_as_an_experiment_and_gets_the_same_results_on_a_dask_local_cluster(flow_repo):
+def no_workspaces_left(repo: Path) -> bool:
+    workspaces = repo / WORKSPACES
+    worktrees = sh(repo, "git", "worktree", "list").splitlines()
+    return len(worktrees) == 1 and (not workspaces.exists() or not any(workspaces.iterdir()))
+
+
+def test_a_sweep_saves_each_point_as_an_experiment_and_the_dask_command_gets_the_same_results(flow_repo, tmp_path):
     from flows.sweep import sweep
 
     pipeline(training="local")
     sh(flow_repo, "git", "add", "-A")
     sh(flow_repo, "git", "commit", "-qm", "baseline")
-    params_before = (flow_repo / "params.yaml").read_bytes()
+    with (flow_repo / "README.md").open("a") as readme:  # uncommitted: every point's workspace snapshots it at once
+        readme.write("\nA local note.\n")
+    checkout_before = {name: (flow_repo / name).read_bytes() for name in ("params.yaml", "README.md", "dvc.lock")}
     on_threads = sweep(grid={"lora.rank": [2, 3]}, prefix="t", jobs=2)
     assert [row["experiment"] for row in on_threads] == ["t-rank2", "t-rank3"]
     assert [row["lora.rank"] for row in on_threads] == [2, 3]
@@ -164,13 +172,24 @@ def test_a_sweep_saves_each_point_as_an_experiment_and_gets_the_same_results_on_
     diff = json.loads(sh(flow_repo, "dvc", "metrics", "diff", "HEAD", "t-rank3", "--json"))
     assert diff["metrics/finetune.json"]["trainable_parameters"]["new"] == 3 * 6794
 
-    on_dask = sweep(grid={"lora.rank": [2, 3]}, prefix="d", jobs=2, dask="local")  # two worker processes
-    assert [row["experiment"] for row in on_dask] == ["d-rank2", "d-rank3"]
-    assert [{**row, "experiment": ""} for row in on_dask] == [{**row, "experiment": ""} for row in on_threads]
-    for rank in (2, 3):
+    # The command on a LocalCluster, with no server configured: its workers report to its one temporary server.
+    env = {key: value for key, value in run_env().items() if key != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    on_dask = subprocess.run([sys.executable, "-m", "flows.sweep", "-S", "lora.rank=2,3", "--dask", "--jobs", "2",
+                              "--prefix", "d", "--training", "local"], cwd=flow_repo, env=env, capture_output=True,
+                             text=True, timeout=600)
+    output = on_dask.stdout + on_dask.stderr
+    assert on_dask.returncode == 0, output
+    assert output.count("Starting temporary server") == 1, output
+    table = on_dask.stdout.strip().splitlines()[-3:]
+    assert table[0].split()[:2] == ["experiment", "lora.rank"] and [line.split()[0] for line in table[1:]] == [
+        "d-rank2", "d-rank3"]
+    for rank, row in zip((2, 3), on_threads):
         assert json.loads(sh(flow_repo, "dvc", "metrics", "diff", f"t-rank{rank}", f"d-rank{rank}", "--json")) == {}
-    assert (flow_repo / "params.yaml").read_bytes() == params_before
-    assert "Data and pipelines are up to date" in sh(flow_repo, "dvc", "status", "dvc.yaml")
+        assert changed_params(flow_repo, f"d-rank{rank}") == {"lora.rank": (1, rank)}
+        assert table[rank - 1].split()[1:] == [str(row[key]) for key in list(row)[1:]]
+    assert {name: (flow_repo / name).read_bytes() for name in checkout_before} == checkout_before
+    assert no_workspaces_left(flow_repo)
 
     with pytest.raises(ParamsError, match="lora.rank=1001 is invalid: 1..1000 is allowed"):
         sweep(grid={"lora.rank": [2, 1001]}, prefix="bad")
@@ -190,6 +209,7 @@ def test_a_sweep_whose_point_fails_in_its_run_fails_naming_it_and_tables_only_th
         sweep(grid={"device": ["cpu", "cuda:99"]}, prefix="f")  # cuda:99 passes the params check, fails in the run
     assert [row["experiment"] for row in json.loads(Artifact.get("sweep-results").data)] == ["f-devicecpu"]
     assert sh(flow_repo, "dvc", "exp", "list", "--name-only").split() == ["f-devicecpu"]
+    assert no_workspaces_left(flow_repo)
 
 
 def test_a_sweep_on_a_running_dask_cluster_runs_in_workers_started_in_the_checkout_and_refuses_others(flow_repo,
