@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,13 @@ from lora_mnist.data import MNIST_SHA256
 from tests.helpers import init_repo, run_env, sh
 
 pytestmark = pytest.mark.slow
+
+
+def worktree_status(repo: Path) -> str:
+    """`git status --short` from the files' content: DVC's stash and pop rewrite the index's stat data, which
+    git status otherwise trusts."""
+    sh(repo, "git", "update-index", "-q", "--really-refresh")
+    return sh(repo, "git", "status", "--short")
 
 
 def test_dvc_repro_on_real_mnist_then_a_rank_experiment_reruns_only_finetune_and_evaluate(repo_copy):
@@ -42,12 +50,12 @@ def test_dvc_repro_on_real_mnist_then_a_rank_experiment_reruns_only_finetune_and
 
     # A bad value through `dvc exp run -S` stops at the stage with the same one-line error;
     # --temp runs it outside the workspace, which stays as it was.
-    before = sh(repo, "git", "status", "--short")
+    before = worktree_status(repo)
     failed = subprocess.run(["dvc", "exp", "run", "--temp", "-S", "lora.rank=0"], cwd=repo, env=run_env(),
                             capture_output=True, text=True)
     assert failed.returncode != 0
     assert "error: params.yaml: lora.rank=0 is invalid: an integer >= 1 is allowed" in failed.stdout + failed.stderr
-    assert sh(repo, "git", "status", "--short") == before
+    assert worktree_status(repo) == before
     assert "Data and pipelines are up to date" in sh(repo, "dvc", "status", "dvc.yaml")
 
     # Two `dvc repro` at once in one checkout: each ends with correct outputs or DVC's clear "busy" error.
