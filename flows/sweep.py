@@ -1,18 +1,17 @@
 """The sweep flow: every point of a grid is a pipeline run with overrides (flows/pipeline.py), in a workspace
-of its own and saved as a DVC experiment, submitted to a Prefect task runner:
-
-- a thread pool, ``jobs`` points at a time (the default);
-- a Dask ``LocalCluster`` on 127.0.0.1 of ``jobs`` worker processes (``dask="local"``);
-- a running Dask cluster on this machine (``dask="tcp://127.0.0.1:8786"``) whose workers were started from this
-  checkout's root; the sweep then needs a Prefect server (PREFECT_API_URL), whose address reaches them.
-
-Dask comes with the ``dask`` extra (`pip install -e '.[dask]'`). The flow ends with a table of the points'
-results, printed and published as an artifact; it fails, naming them, when a point did not finish.
+of its own and saved as a DVC experiment. The points are tasks of the flow, ``jobs`` at a time, so its Prefect
+task runner decides where they run: a thread pool by default, or Dask through prefect-dask (the ``dask``
+extra, `pip install -e '.[dask]'`):
 
     python -m flows.sweep -S lora.rank=1,2,4,8 -S lora.alpha=1,4 --jobs 2
-    python -m flows.sweep -S lora.rank=1,2 --dask              # a LocalCluster of --jobs workers
+    python -m flows.sweep -S lora.rank=1,2 --dask                        # a LocalCluster of --jobs workers
+    python -m flows.sweep -S lora.rank=1,2 --dask tcp://127.0.0.1:8786   # a running cluster on this machine
 
-Without Prefect, DVC's own queue does the same:
+    sweep.with_options(task_runner=DaskTaskRunner(address=...))(grid={"lora.rank": [1, 2]})
+
+Dask workers must run on this machine, from this checkout's root (a point refuses to run elsewhere). The flow
+ends with a table of the points' results, printed and published as an artifact; it fails, naming them, when a
+point did not finish. Without Prefect, DVC's own queue does the same:
 
     dvc exp run --queue -S lora.rank=1,2,4 && dvc exp run --run-all --jobs 2 && dvc exp show
 """
@@ -28,9 +27,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from prefect import flow, task
+from prefect import Task, flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
+from prefect.futures import PrefectFuture, as_completed
 from prefect.settings import get_current_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
@@ -60,9 +60,8 @@ def experiment_name(prefix: str, overrides: dict[str, Any]) -> str:
     return "-".join([prefix, *parts])
 
 
-def check_grid(grid: Any, jobs: Any, dask: Any = None) -> None:
-    """Refuse a grid with no points or a repeated value, a jobs count below 1, and a Dask runner that is not
-    installed, whose workers could not reach this flow's Prefect server or whose scheduler does not answer."""
+def check_grid(grid: Any, jobs: Any) -> None:
+    """Refuse a grid with no points or a repeated value, and a jobs count below 1."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs={jobs!r} is invalid: an integer >= 1 is allowed")
     if not isinstance(grid, dict) or not grid:
@@ -72,27 +71,11 @@ def check_grid(grid: Any, jobs: Any, dask: Any = None) -> None:
             raise ValueError(f"grid[{key!r}]={values!r} is invalid: a non-empty list of values is allowed")
         if len({json.dumps(v, sort_keys=True, default=repr) for v in values}) < len(values):
             raise ValueError(f"grid[{key!r}]={values!r} repeats a value: each point runs once")
-    if dask is None:
-        return
-    if not isinstance(dask, str) or not (dask == LOCAL_DASK or SCHEDULER_ADDRESS.fullmatch(dask)):
-        raise ValueError(f"dask={dask!r} is invalid: 'local' or a scheduler address tcp://host:port is allowed")
-    if importlib.util.find_spec("prefect_dask") is None:
-        raise ValueError(f"dask={dask!r} needs prefect-dask, which is not installed: pip install -e '.[dask]'")
-    if dask == LOCAL_DASK:
-        return
-    if not get_current_settings().api.url:
-        raise ValueError(f"dask={dask!r} needs a Prefect server its workers reach (PREFECT_API_URL): a temporary "
-                         "one lives in this process only")
-    scheduler = urlsplit(dask)
-    try:
-        socket.create_connection((scheduler.hostname, scheduler.port), timeout=10).close()
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"dask={dask!r}: no Dask scheduler answers there ({exc})") from None
 
 
-def plan(grid: Any, prefix: Any, jobs: Any, dask: Any, training: Any) -> tuple[list[dict[str, Any]], list[str]]:
+def plan(grid: Any, prefix: Any, jobs: Any, training: Any) -> tuple[list[dict[str, Any]], list[str]]:
     """The grid's points and their experiment names, once everything is checked: nothing has run yet."""
-    check_grid(grid, jobs, dask)
+    check_grid(grid, jobs)
     check_training(training)
     if not isinstance(prefix, str) or not PREFIX.fullmatch(prefix):
         raise ValueError(f"prefix={prefix!r} is invalid: up to 50 letters, digits, '_' and '-', starting with a "
@@ -114,17 +97,29 @@ def point_names(points: list[dict[str, Any]], prefix: str) -> list[str]:
     return names
 
 
-def task_runner(jobs: int, dask: str | None) -> TaskRunner:
-    if dask is None:
-        return ThreadPoolTaskRunner(max_workers=jobs)
+def dask_task_runner(dask: Any, jobs: int) -> TaskRunner:
+    """prefect-dask's runner for ``dask``: "local" (a LocalCluster on 127.0.0.1 of ``jobs`` worker processes) or
+    a running cluster's scheduler address; refused in one line when it could not work."""
+    if not isinstance(dask, str) or not (dask == LOCAL_DASK or SCHEDULER_ADDRESS.fullmatch(dask)):
+        raise ValueError(f"dask={dask!r} is invalid: 'local' or a scheduler address tcp://host:port is allowed")
+    if importlib.util.find_spec("prefect_dask") is None:
+        raise ValueError(f"dask={dask!r} needs prefect-dask, which is not installed: pip install -e '.[dask]'")
     from prefect_dask import DaskTaskRunner
 
-    if dask != LOCAL_DASK:
-        return DaskTaskRunner(address=dask)
-    with get_client(sync_client=True) as client:
-        api_url = str(client.api_url)  # a temporary server's too: otherwise each worker process starts its own
-    return DaskTaskRunner(cluster_kwargs={"n_workers": jobs, "threads_per_worker": 1, "host": "127.0.0.1",
-                                          "dashboard_address": None, "env": {"PREFECT_API_URL": api_url}})
+    if dask == LOCAL_DASK:
+        with get_client(sync_client=True) as client:  # starts the temporary server when none is configured
+            api_url = str(client.api_url)  # the workers report to it; otherwise each would start its own
+        return DaskTaskRunner(cluster_kwargs={"n_workers": jobs, "threads_per_worker": 1, "host": "127.0.0.1",
+                                              "dashboard_address": None, "env": {"PREFECT_API_URL": api_url}})
+    if not get_current_settings().api.url:
+        raise ValueError(f"dask={dask!r} needs a Prefect server its workers reach (PREFECT_API_URL): a temporary "
+                         "one lives in this process only")
+    scheduler = urlsplit(dask)
+    try:
+        socket.create_connection((scheduler.hostname, scheduler.port), timeout=10).close()
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"dask={dask!r}: no Dask scheduler answers there ({exc})") from None
+    return DaskTaskRunner(address=dask)
 
 
 @task(task_run_name="{name}")
@@ -147,27 +142,19 @@ def result_row(name: str, overrides: dict[str, Any], metrics: dict[str, Any]) ->
     return row
 
 
-@flow(name="lora-mnist-sweep", log_prints=True, validate_parameters=False)  # plan() checks them, coercing nothing
-def sweep(grid: dict[str, list[Any]], prefix: str = "sweep", jobs: int = 2, dask: str | None = None,
-          training: str = "auto") -> list[dict[str, Any]]:
+@flow(name="lora-mnist-sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(),
+      validate_parameters=False)  # plan() checks the parameters, coercing nothing
+def sweep(grid: dict[str, list[Any]], prefix: str = "sweep", jobs: int = 2, training: str = "auto") -> list[dict[str, Any]]:
     """Every combination of ``grid`` ({"lora.rank": [1, 2, 4]}) as a DVC experiment; returns their results.
 
-    jobs: points at a time, on threads or on a local Dask cluster's worker processes (a running cluster runs as
-        many as it has workers).
-    dask: None (threads), "local" (a LocalCluster on 127.0.0.1) or a running cluster's scheduler address.
+    jobs: points running at a time, on whatever task runner the flow has.
     training: as the pipeline flow takes it, for every point.
     """
-    points, names = plan(grid, prefix, jobs, dask, training)
+    points, names = plan(grid, prefix, jobs, training)
     where = {"checkout": str(Path.cwd().resolve()), "host": socket.gethostname(), "training": training}
-    outcomes: list[Any] = []
-    with task_runner(min(jobs, len(points)), dask) as runner:
-        futures = [runner.submit(run_point, parameters={"overrides": overrides, "name": name, **where})
-                   for name, overrides in zip(names, points)]
-        for future in futures:  # every one waited for, so no point is cut off when the runner closes
-            try:
-                outcomes.append(future.result(raise_on_failure=False))
-            except Exception as exc:  # the runner's own failure: a Dask worker lost, a task it could not load
-                outcomes.append(exc)
+    futures = submit_at_most(jobs, run_point, [{"overrides": overrides, "name": name, **where}
+                                               for name, overrides in zip(names, points)])
+    outcomes = [outcome(future) for future in futures]  # every one waited for before the runner closes
     table = [result_row(name, overrides, outcome["metrics"]) for name, overrides, outcome in zip(names, points, outcomes)
              if not isinstance(outcome, BaseException)]
     create_table_artifact(key="sweep-results", table=table, description="One row per DVC experiment of the sweep")
@@ -175,6 +162,26 @@ def sweep(grid: dict[str, list[Any]], prefix: str = "sweep", jobs: int = 2, dask
         reasons = "; ".join(f"{name}: {error}" for name, error in failed.items())
         raise StageFailed(f"sweep points {list(failed)} did not finish: {reasons}")
     return table
+
+
+def submit_at_most(jobs: int, task_: Task, calls: list[dict[str, Any]]) -> list[PrefectFuture]:
+    """``task_`` submitted to the flow's task runner once per call's parameters, never ``jobs`` unfinished at once."""
+    futures: list[PrefectFuture] = []
+    running: list[PrefectFuture] = []
+    for parameters in calls:
+        if len(running) >= jobs:
+            running.remove(next(as_completed(running)))  # the first to finish makes room
+        futures.append(task_.submit(**parameters))
+        running.append(futures[-1])
+    return futures
+
+
+def outcome(future: PrefectFuture) -> Any:
+    """A point's result, or the exception it failed with, the task runner's own included (a Dask worker lost)."""
+    try:
+        return future.result(raise_on_failure=False)
+    except Exception as exc:
+        return exc
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -201,7 +208,7 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run a grid of LoRA-MNIST experiments, each a DVC experiment.")
     parser.add_argument("-S", "--set-param", dest="grid", action="append", required=True, metavar="KEY=V1,V2,…")
-    parser.add_argument("--jobs", type=int, default=2, help="points at a time on threads or a LocalCluster (default 2)")
+    parser.add_argument("--jobs", type=int, default=2, help="points at a time (default 2)")
     parser.add_argument("--dask", nargs="?", const=LOCAL_DASK, metavar="ADDRESS",
                         help="run the points on Dask: a LocalCluster of --jobs workers, or the scheduler at ADDRESS")
     parser.add_argument("--training", choices=TRAINING_MODES, default="auto")
@@ -209,9 +216,10 @@ def main() -> None:
     args = parser.parse_args()
     with one_line_errors():
         grid = parse_grid(args.grid)
-        plan(grid, args.prefix, args.jobs, args.dask, args.training)  # refused before a temporary Prefect server starts
-        table = sweep(grid=grid, prefix=args.prefix, jobs=args.jobs, dask=args.dask,
-                      training=args.training)
+        points, _ = plan(grid, args.prefix, args.jobs, args.training)  # refused before a temporary server starts
+        workers = min(args.jobs, len(points))
+        run = sweep if args.dask is None else sweep.with_options(task_runner=dask_task_runner(args.dask, workers))
+        table = run(grid=grid, prefix=args.prefix, jobs=args.jobs, training=args.training)
     print(format_table(table))
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from flows.sweep import check_grid, experiment_name, format_table, grid_points, parse_grid, plan
+from flows.sweep import check_grid, dask_task_runner, experiment_name, format_table, grid_points, parse_grid, plan
 from tasks.params import ParamsError
 from tests.helpers import ROOT, free_port
 
@@ -54,7 +54,7 @@ def test_a_malformed_dask_address_or_a_cluster_without_a_prefect_server_is_refus
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(restore_defaults={PREFECT_API_URL}), pytest.raises(ValueError, match=message):
-        check_grid({"lora.rank": [2]}, 2, dask)
+        dask_task_runner(dask, 2)
 
 
 def test_a_dask_scheduler_address_where_nothing_listens_is_refused_before_anything_runs():
@@ -63,13 +63,13 @@ def test_a_dask_scheduler_address_where_nothing_listens_is_refused_before_anythi
     address = f"tcp://127.0.0.1:{free_port()}"
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
         with pytest.raises(ValueError, match=f"dask='{address}': no Dask scheduler answers there"):
-            check_grid({"lora.rank": [2]}, 2, address)
+            dask_task_runner(address, 2)
 
 
 def test_dask_without_prefect_dask_installed_is_refused_with_the_install_command(monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None)
     with pytest.raises(ValueError, match=r"dask='local' needs prefect-dask, which is not installed: pip install"):
-        check_grid({"lora.rank": [2]}, 2, "local")
+        dask_task_runner("local", 2)
 
 
 @pytest.mark.parametrize("prefix,training,message", [
@@ -79,14 +79,14 @@ def test_dask_without_prefect_dask_installed_is_refused_with_the_install_command
 ])
 def test_a_prefix_that_would_be_rewritten_or_an_unknown_training_mode_is_refused(prefix, training, message):
     with pytest.raises(ValueError, match=message):
-        plan({"lora.rank": [2]}, prefix, 2, None, training)
+        plan({"lora.rank": [2]}, prefix, 2, training)
 
 
 def test_a_grid_value_json_cannot_write_is_refused_by_the_params_check_not_by_a_traceback():
     grid = parse_grid(["seed=2020-01-01,3"])
     check_grid(grid, 2)
     with pytest.raises(ParamsError, match="seed"):
-        plan(grid, "s", 2, None, "auto")
+        plan(grid, "s", 2, "auto")
 
 
 def test_a_points_experiment_name_is_a_git_ref_name_for_any_value():

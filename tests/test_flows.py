@@ -199,6 +199,36 @@ def test_a_sweep_saves_each_point_as_an_experiment_and_the_dask_command_gets_the
     assert "t-rank4" not in sh(flow_repo, "dvc", "exp", "list", "--name-only")
 
 
+def test_a_sweep_keeps_at_most_jobs_points_running_at_once(prefect_server):
+    import threading
+    import time
+
+    from prefect import flow, task
+
+    from flows.sweep import submit_at_most
+
+    lock, running, most = threading.Lock(), [0], [0]
+
+    @task
+    def point(index: int) -> int:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.3)
+        with lock:
+            running[0] -= 1
+        return index
+
+    @flow
+    def grid(jobs: int) -> list[int]:
+        return [future.result() for future in submit_at_most(jobs, point, [{"index": i} for i in range(5)])]
+
+    for jobs in (1, 2):
+        most[0] = 0
+        assert grid(jobs) == [0, 1, 2, 3, 4]
+        assert most[0] == jobs
+
+
 def test_a_sweep_whose_point_fails_in_its_run_fails_naming_it_and_tables_only_the_finished_points(flow_repo):
     from flows.sweep import sweep
 
@@ -215,6 +245,7 @@ def test_a_sweep_whose_point_fails_in_its_run_fails_naming_it_and_tables_only_th
 def test_a_sweep_on_a_running_dask_cluster_runs_in_workers_started_in_the_checkout_and_refuses_others(flow_repo,
                                                                                                    tmp_path):
     from prefect.settings import get_current_settings
+    from prefect_dask import DaskTaskRunner
 
     from flows.sweep import sweep
 
@@ -226,10 +257,10 @@ def test_a_sweep_on_a_running_dask_cluster_runs_in_workers_started_in_the_checko
     env = dict(run_env(), PREFECT_API_URL=get_current_settings().api.url, PYTHONPATH=str(ROOT))
     with dask_cluster(elsewhere, env, tmp_path / "logs") as address:
         with pytest.raises(StageFailed, match=r"w-rank2: this worker runs in .*elsewhere, not in the sweep's checkout"):
-            sweep(grid={"lora.rank": [2]}, prefix="w", dask=address)
+            sweep.with_options(task_runner=DaskTaskRunner(address=address))(grid={"lora.rank": [2]}, prefix="w")
     assert "w-rank2" not in sh(flow_repo, "dvc", "exp", "list", "--name-only")
     with dask_cluster(flow_repo, env, tmp_path / "logs") as address:
-        table = sweep(grid={"lora.rank": [2]}, prefix="w", dask=address)
+        table = sweep.with_options(task_runner=DaskTaskRunner(address=address))(grid={"lora.rank": [2]}, prefix="w")
     assert [row["experiment"] for row in table] == ["w-rank2"]
     assert changed_params(flow_repo, "w-rank2") == {"lora.rank": (1, 2)}
 
