@@ -171,24 +171,33 @@ def pipeline(
         (`dvc exp show` lists it, `dvc exp apply` brings it here).
     training: "auto" (gpu pool when available), "local" or "gpu-pool".
     """
-    check_training(training)
-    if not overrides:
-        if experiment_name is not None:
-            raise ValueError(f"experiment_name={experiment_name!r} is given without overrides: only a run with "
-                             "overrides is saved as an experiment (add -S key=value)")
+    name = check_run(overrides, training, experiment_name)
+    if name is None:
         with checkout_lock():
             return run_stages(Path.cwd().resolve(), training, experiment=None)
-    validate_overrides(overrides)  # refused before a workspace exists
-    name = validate_experiment_name(experiment_name or f"prefect-{uuid.uuid4().hex[:8]}")
-    if experiment_exists(name):
-        raise ValueError(f"experiment name {name!r} is taken by an experiment of HEAD: choose another, or "
-                         f"`dvc exp remove {name}` first")
     with experiment_workspace(name) as root:
         apply_overrides(overrides, root / PARAMS_FILE)
         result = run_stages(root, training, experiment=name)
         with checkout_lock(SAVE_LOCK_FILE):
             save_experiment(name, root)
         return result
+
+
+def check_run(overrides: dict[str, Any] | None, training: Any, experiment_name: Any) -> str | None:
+    """Refuse, before anything runs, a bad training mode, override or experiment name; returns the name the run
+    with overrides is saved as (None for a run in the checkout)."""
+    check_training(training)
+    if not overrides:
+        if experiment_name is not None:
+            raise ValueError(f"experiment_name={experiment_name!r} is given without overrides: only a run with "
+                             "overrides is saved as an experiment (add -S key=value)")
+        return None
+    validate_overrides(overrides)
+    name = validate_experiment_name(experiment_name or f"prefect-{uuid.uuid4().hex[:8]}")
+    if experiment_exists(name):
+        raise ValueError(f"experiment name {name!r} is taken by an experiment of HEAD: choose another, or "
+                         f"`dvc exp remove {name}` first")
+    return name
 
 
 def run_stages(root: Path, training: str, experiment: str | None) -> dict[str, Any]:
@@ -215,13 +224,15 @@ def run_stages(root: Path, training: str, experiment: str | None) -> dict[str, A
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Run the LoRA-MNIST pipeline as a Prefect flow.")
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description="Run the LoRA-MNIST pipeline as a Prefect flow.")
     parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--training", choices=TRAINING_MODES, default="auto")
     parser.add_argument("--name", help="experiment name when params are overridden")
     args = parser.parse_args()
     with one_line_errors():
-        result = pipeline(overrides=parse_overrides(args.overrides), training=args.training, experiment_name=args.name)
+        overrides = parse_overrides(args.overrides)
+        name = check_run(overrides, args.training, args.name)  # refused before a temporary Prefect server starts
+        result = pipeline(overrides=overrides, training=args.training, experiment_name=name)
     for run in result["stages"]:
         print(f"{run['stage']}: {run['ran']}")
     if result["experiment"]:

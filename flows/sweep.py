@@ -206,13 +206,15 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Run a grid of LoRA-MNIST experiments, each a DVC experiment.")
+    parser = argparse.ArgumentParser(prog="python -m flows.sweep",
+                                     description="Run a grid of LoRA-MNIST experiments, each a DVC experiment.")
     parser.add_argument("-S", "--set-param", dest="grid", action="append", required=True, metavar="KEY=V1,V2,…")
     parser.add_argument("--jobs", type=int, default=2, help="points at a time (default 2)")
     parser.add_argument("--dask", nargs="?", const=LOCAL_DASK, metavar="ADDRESS",
                         help="run the points on Dask: a LocalCluster of --jobs workers, or the scheduler at ADDRESS")
-    parser.add_argument("--training", choices=TRAINING_MODES, default="auto")
-    parser.add_argument("--prefix", default="sweep")
+    parser.add_argument("--training", choices=TRAINING_MODES, default="auto",
+                        help="where training stages run, as for flows.pipeline (default auto)")
+    parser.add_argument("--prefix", default="sweep", help="experiment names are PREFIX-<key><value>… (default sweep)")
     args = parser.parse_args()
     with one_line_errors():
         grid = parse_grid(args.grid)

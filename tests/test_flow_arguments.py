@@ -105,3 +105,11 @@ def test_the_pipeline_command_refuses_a_key_given_twice_in_one_line():
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.splitlines() == ["error: override lora.rank is given more than once: one value per key is allowed"]
+
+
+def test_the_pipeline_command_refuses_a_bad_value_in_one_line_before_a_prefect_server_starts():
+    result = subprocess.run([sys.executable, "-m", "flows.pipeline", "-S", "lora.alpha=-1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: params.yaml with overrides {'lora.alpha': -1}: lora.alpha=-1 is invalid: a finite number > 0 is allowed"]
