@@ -15,8 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lora_mnist.errors import EXPECTED_ERRORS
 from tasks.check_params import check
 from tasks.params import PARAMS_FILE, ParamsError, load_raw, set_dotted, with_overrides
@@ -86,14 +84,6 @@ def apply_overrides(overrides: dict[str, Any], params_file: Path = PARAMS_FILE) 
     with modify_yaml(params_file) as data:
         for dotted, value in overrides.items():
             set_dotted(data, dotted, value)
-
-
-def set_param_args(overrides: dict[str, Any]) -> list[str]:
-    """The `-S key=value` arguments of `dvc exp run` for ``overrides`` (values as YAML, as DVC parses them)."""
-    args = []
-    for key, value in overrides.items():
-        args += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
-    return args
 
 
 def save_experiment(name: str, cwd: Path | None = None) -> str:
