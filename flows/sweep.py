@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
+import os
 import itertools
 import json
 import re
@@ -122,6 +124,12 @@ def dask_task_runner(dask: Any, jobs: int) -> TaskRunner:
     return DaskTaskRunner(address=dask)
 
 
+def quiet_dask_logs() -> None:
+    """Dask's own INFO lines (every worker's start-up banner) are not shown, unless DASK_LOGGING__DISTRIBUTED asks."""
+    level = os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # read by each worker process as it starts
+    logging.getLogger("distributed").setLevel(level.upper())
+
+
 @task(task_run_name="{name}")
 def run_point(overrides: dict[str, Any], name: str, checkout: str, host: str, training: str) -> dict[str, Any]:
     """One point: the pipeline flow with ``overrides``, saved as DVC experiment ``name`` in the sweep's checkout."""
@@ -220,6 +228,8 @@ def main() -> None:
         grid = parse_grid(args.grid)
         points, _ = plan(grid, args.prefix, args.jobs, args.training)  # refused before a temporary server starts
         workers = min(args.jobs, len(points))
+        if args.dask is not None:
+            quiet_dask_logs()
         run = sweep if args.dask is None else sweep.with_options(task_runner=dask_task_runner(args.dask, workers))
         table = run(grid=grid, prefix=args.prefix, jobs=args.jobs, training=args.training)
     print(format_table(table))
