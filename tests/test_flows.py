@@ -181,6 +181,7 @@ def test_a_sweep_saves_each_point_as_an_experiment_and_the_dask_command_gets_the
     output = on_dask.stdout + on_dask.stderr
     assert on_dask.returncode == 0, output
     assert output.count("Starting temporary server") == 1, output
+    assert "distributed.worker" not in output, output  # Dask's own INFO lines are hidden
     table = on_dask.stdout.strip().splitlines()[-3:]
     assert table[0].split()[:2] == ["experiment", "lora.rank"] and [line.split()[0] for line in table[1:]] == [
         "d-rank2", "d-rank3"]

@@ -2,16 +2,24 @@
 This is the suite's one run on the full schedule (a whole epoch of pretraining, params.yaml as shipped)."""
 from __future__ import annotations
 
+import csv
 import json
+import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from lora_mnist.data import MNIST_SHA256
-from tests.helpers import init_repo, run_env, sh
+from tests.helpers import ROOT, init_repo, run_env, sh
 
 pytestmark = pytest.mark.slow
+
+
+def readme_command(start: str) -> list[str]:
+    """The README's shell command that begins with ``start``, as arguments (its comment dropped)."""
+    line = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith(start))
+    return shlex.split(line, comments=True)
 
 
 def worktree_status(repo: Path) -> str:
@@ -47,6 +55,11 @@ def test_dvc_repro_on_real_mnist_then_a_rank_experiment_reruns_only_finetune_and
     trainable = metrics_diff["metrics/finetune.json"]["trainable_parameters"]
     assert trainable["old"] == 6794 and trainable["new"] == 2 * 6794
     assert "rank2" in sh(repo, "dvc", "exp", "show", "--csv")
+    headline = readme_command("dvc exp show --drop")  # the README's narrow view
+    rows = list(csv.DictReader(sh(repo, *headline, "--csv").splitlines()))
+    assert set(rows[0]) == {"Experiment", "lora.rank", "lora.alpha", "finetune.digit",
+                            "digit_errors.base", "digit_errors.lora_on", "lora_on.accuracy"}, rows[0]
+    assert [row["lora.rank"] for row in rows if row["Experiment"] == "rank2"] == ["2"]
 
     # A bad value through `dvc exp run -S` stops at the stage with the same one-line error;
     # --temp runs it outside the workspace, which stays as it was.
