@@ -130,7 +130,9 @@ def _check(model: nn.Module, adapters: list[str], weights: list[float], adapter_
 
 
 def _largest_rank(model: nn.Module, adapter: str) -> int:
-    return max(layer.lora_A[adapter].out_features for layer in lora_layers(model).values() if adapter in layer.lora_A)
+    """The adapter's r or its rank_pattern's largest, from its config as PEFT takes it (not what its layers hold)."""
+    config = next(layer.configs[adapter] for layer in lora_layers(model).values() if adapter in layer.configs)
+    return max([config.r, *config.rank_pattern.values()])
 
 
 def _padded(lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,6 +60,7 @@ class LoRAConfig:
     scaling = alpha / r, or alpha / sqrt(r) with ``use_rslora`` (Kalajdzievski 2023). ``rank_pattern`` and
     ``alpha_pattern`` give some layers another r or alpha, as PEFT's do: a key is a regular expression matched
     against the end of a module's name (``linear2`` matches ``encoder.linear2``); the first key that matches wins.
+    A ``target_modules`` name matches a module of that name or ending in ``.<name>``, as in PEFT.
     """
 
     r: int = 1
@@ -67,14 +68,19 @@ class LoRAConfig:
     dropout: float = 0.0
     init: str = "normal"
     use_rslora: bool = False
-    target_modules: tuple[str, ...] = ()  # the names of the nn.Linear modules to adapt; required
+    target_modules: tuple[str, ...] = ()  # names of the nn.Linear modules to adapt, matched as PEFT does; required
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, (list, str)):
-            targets = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
-            object.__setattr__(self, "target_modules", tuple(targets))
+        targets = self.target_modules
+        if isinstance(targets, str):
+            targets = (targets,)
+        elif isinstance(targets, (set, frozenset)) and all(isinstance(t, str) for t in targets):
+            targets = tuple(sorted(targets))  # a set, as PEFT allows, in a stable order
+        elif isinstance(targets, list):
+            targets = tuple(targets)
+        object.__setattr__(self, "target_modules", targets)  # anything else (a generator, a dict) is refused below
         for name in ("rank_pattern", "alpha_pattern"):
             if isinstance(getattr(self, name), dict):  # a frozen copy: the config must not change with the caller's dict
                 object.__setattr__(self, name, Pattern(getattr(self, name)))
@@ -85,7 +91,8 @@ class LoRAConfig:
             ("dropout", _is_number(self.dropout) and 0.0 <= self.dropout < 1.0, "a number in [0, 1)"),
             ("init", isinstance(self.init, str) and self.init in INIT_METHODS, f"one of {sorted(INIT_METHODS)}"),
             ("use_rslora", isinstance(self.use_rslora, bool), "true or false"),
-            ("target_modules", bool(self.target_modules) and all(isinstance(t, str) and t for t in self.target_modules),
+            ("target_modules", isinstance(self.target_modules, tuple) and bool(self.target_modules)
+             and all(isinstance(t, str) and t for t in self.target_modules),
              "a non-empty list of the names of the nn.Linear modules to adapt"),
             ("rank_pattern", _is_pattern(self.rank_pattern, _is_rank),
              f"a mapping of module-name patterns (regular expressions) to integers 1..{MAX_RANK}"),

@@ -74,7 +74,9 @@ class LoRALinear(nn.Module):
         that already has adapters the active one stays, as in PEFT."""
         self.check_adapter(name, config)
         weight, r = self.base_layer.weight, config.rank_for(self.module_name)
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        # as PEFT's autocast_adapter_dtype: a float16 or bfloat16 base gets float32 adapters, which keep small updates
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        factory = {"device": weight.device, "dtype": dtype}
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **factory)
         self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -137,7 +139,8 @@ class LoRALinear(nn.Module):
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * (self.scaling[name] * self.inference_scale)
 
     def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """B(A(dropout(x)))·scale of adapter ``name``: what it adds to the base layer's output."""
+        """B(A(dropout(x)))·scale of adapter ``name``, in the adapter's dtype: what it adds to the base layer's output."""
+        x = x.to(self.lora_A[name].weight.dtype)
         return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * (self.scaling[name] * self.inference_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,7 +154,7 @@ class LoRALinear(nn.Module):
             return self.forward_per_row(x, out, self.row_adapters)
         if self.active_adapter not in self.lora_A:
             return out
-        return out + self.adapter_output(self.active_adapter, x)
+        return (out + self.adapter_output(self.active_adapter, x)).to(out.dtype)
 
     def forward_per_row(self, x: torch.Tensor, out: torch.Tensor, names: list[str]) -> torch.Tensor:
         """Add to each row of the base output the delta of the adapter its row names; this layer's rows whose
@@ -175,16 +178,17 @@ class LoRALinear(nn.Module):
             raise LoRAMergeError(f"no adapter {name!r} to merge on this layer; present: {list(self.lora_A)}")
         if self.merged:
             raise LoRAMergeError(f"adapter {self.merged_adapter!r} is already merged: unmerge it first")
-        merged = self.base_layer.weight + self.delta_weight(name).to(self.base_layer.weight.dtype)
+        merged = (self.base_layer.weight + self.delta_weight(name)).to(self.base_layer.weight.dtype)  # rounded once
         if not torch.isfinite(merged).all():
             raise LoRAMergeError(f"merging adapter {name!r} would give non-finite weights; base left intact")
         return merged
 
     @torch.no_grad()
     def write_merged(self, merged: torch.Tensor, name: str | None = None) -> None:
-        """Write a weight from :meth:`merged_weight` into the base layer and record the merge."""
+        """Write a weight from :meth:`merged_weight` into the base layer and record the merge. The active adapter
+        stays, as in PEFT: after an unmerge the layer runs what it ran before."""
         self.base_layer.weight.copy_(merged)
-        self.merged_adapter = self.active_adapter = name or self.active_adapter
+        self.merged_adapter = name or self.active_adapter
 
     def merge(self, name: str | None = None) -> None:
         """Fold adapter ``name`` (default: the active one) into the base weight; refuses non-finite results."""
@@ -195,7 +199,7 @@ class LoRALinear(nn.Module):
         """Subtract the merged delta again; restores the base within float rounding, not bit for bit."""
         if not self.merged:
             raise LoRAMergeError("no adapter is merged")
-        self.base_layer.weight.sub_(self.delta_weight(self.merged_adapter).to(self.base_layer.weight.dtype))
+        self.base_layer.weight.sub_(self.delta_weight(self.merged_adapter))
         self.merged_adapter = None
 
     def extra_repr(self) -> str:

@@ -24,27 +24,53 @@ def active_adapter(model: nn.Module) -> str | None:
     return next((layer.active_adapter for layer in lora_layers(model).values()), None)
 
 
+def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """The modules ``config.target_modules`` selects in ``model``, matched as PEFT matches a list: the module of
+    that name, or every module whose name ends in ``.<name>``. The layers inside a LoRA layer (its base_layer,
+    lora_A, …) are not candidates; the LoRA layer itself is. Refused when a name selects nothing, or a module
+    that is not an nn.Linear."""
+    candidates, wrapped = {}, []
+    for name, module in model.named_modules():
+        if name and not any(name.startswith(prefix) for prefix in wrapped):
+            candidates[name] = module
+            if isinstance(module, LoRALinear):
+                wrapped.append(name + ".")
+    selected: dict[str, None] = {}
+    for target in config.target_modules:
+        matches = [name for name in candidates if name == target or name.endswith("." + target)]
+        if not matches:
+            linears = sorted(n for n, m in candidates.items() if isinstance(m, (nn.Linear, LoRALinear)))
+            raise LoRAConfigError("target_modules", target, f"the name of an nn.Linear of the model ({', '.join(linears)})")
+        for name in matches:
+            if not isinstance(candidates[name], (nn.Linear, LoRALinear)):
+                raise LoRAConfigError("target_modules", target, f"the name of nn.Linear modules only (it selects {name}, "
+                                      f"a {type(candidates[name]).__name__})")
+            selected[name] = None
+    return list(selected)
+
+
 def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
-    """Wrap each target nn.Linear of ``model`` in a LoRALinear (in place) and add adapter ``adapter_name``.
+    """Wrap each nn.Linear of ``model`` that ``config.target_modules`` selects (see :func:`target_names`) in a
+    LoRALinear, in place, and add adapter ``adapter_name``.
 
     All or nothing: every target is checked before any layer changes. On a model without adapters the new one
     is active; calling it again with another name adds a second adapter and, as in PEFT, the active adapter
-    stays (``set_adapter`` switches).
+    stays (``set_adapter`` switches). A name the model has already is refused, as in PEFT.
     """
-    existing, modules = lora_layers(model), dict(model.named_modules())
-    for target in config.target_modules:
+    names, existing, modules = target_names(model, config), lora_layers(model), dict(model.named_modules())
+    if adapter_name in _adapter_names(model):
+        raise ValueError(f"adapter {adapter_name!r} already exists in the model: another name is allowed "
+                         "(or delete_adapter first)")
+    for target in names:
         if target in existing:
             existing[target].check_adapter(adapter_name, config)
-        elif not isinstance(modules.get(target), nn.Linear):
-            linears = sorted(n for n, m in modules.items() if isinstance(m, nn.Linear))
-            raise LoRAConfigError("target_modules", target, f"the name of an nn.Linear of the model ({', '.join(linears)})")
-        else:
-            limit, r = max(modules[target].in_features, modules[target].out_features), config.rank_for(target)
-            if r > limit:
-                raise LoRAConfigError("r", r, f"at most {limit} for {target} "
-                                      f"({modules[target].in_features} -> {modules[target].out_features})")
+            continue
+        limit, r = max(modules[target].in_features, modules[target].out_features), config.rank_for(target)
+        if r > limit:
+            raise LoRAConfigError("r", r, f"at most {limit} for {target} "
+                                  f"({modules[target].in_features} -> {modules[target].out_features})")
     active = active_adapter(model) if existing else adapter_name
-    for target in config.target_modules:
+    for target in names:
         if target in existing:
             existing[target].add_adapter(adapter_name, config)
             continue
@@ -195,7 +221,7 @@ def adapter_per_row(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.M
 def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
     """Fold the adapters (default: the active one) into the base weights and put each wrapped nn.Linear back in
     its place, as PEFT's ``merge_and_unload``: the model is a plain model again. An adapter already merged with
-    :func:`merge` stays merged. All or nothing: every layer's weight is computed and checked before any is written."""
+    :func:`merge` stays merged (by default the active one is added to it, as in PEFT). All or nothing: every layer's weight is computed and checked before any is written."""
     if adapter_names is not None:
         unknown = sorted(set(adapter_names) - _adapter_names(model))
         if unknown or not adapter_names:
@@ -207,11 +233,11 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
             # by default each layer's own active adapter, as PEFT merges them (they differ after a delete_adapter)
             names = [layer.active_adapter] if adapter_names is None else list(adapter_names)
             weight = layer.base_layer.weight
-            if layer.merged and layer.merged_adapter not in names:
+            if adapter_names is not None and layer.merged and layer.merged_adapter not in names:
                 raise LoRAMergeError(f"adapter {layer.merged_adapter!r} is merged into {module_name}, but not among "
                                      f"{names}: unmerge it first")
             deltas = [layer.delta_weight(n) for n in names if n in layer.lora_A and n != layer.merged_adapter]
-            merged = weight + sum(deltas).to(weight.dtype) if deltas else weight
+            merged = (weight + sum(deltas)).to(weight.dtype) if deltas else weight  # rounded once, as PEFT's +=
             if not torch.isfinite(merged).all():
                 raise LoRAMergeError(f"merging {names} into {module_name} would give non-finite weights; model left intact")
             planned.append((layer, merged))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import LoRAConfig
-from .files import atomic_dir, non_finite, previous_version, tensors_sha256
-from .model import DEFAULT_ADAPTER, adapter_state_dict, base_state_dict, inject, lora_layers
+from .config import LoRAConfig, LoRAConfigError
+from .files import atomic_file, file_sha256, non_finite, tensors_sha256
+from .layer import LoRALinear
+from .model import DEFAULT_ADAPTER, adapter_state_dict, base_state_dict, inject, lora_layers, target_names
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 PROVENANCE_NAME = "adapter_provenance.json"
+RECORDED_KEYS = {"lora_config", "base_weights_sha256", "weights_sha256"}  # what a provenance always holds
 
 
 class AdapterLoadError(ValueError):
@@ -42,19 +45,27 @@ def save_adapter(
     adapter_name: str = DEFAULT_ADAPTER,
     info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write one adapter atomically; returns the provenance stored with it."""
-    if Path(directory).exists() and not Path(directory).is_dir():
+    """Write one adapter's three files into ``directory`` (created if need be; other files in it are left alone,
+    as PEFT's ``save_pretrained``). Each file is replaced by one rename, the provenance last: it records the
+    weights file's sha256, so a save cut off between renames is refused on load. Returns the provenance."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
         raise ValueError(f"{directory}: is a file; an adapter is saved as a directory (nothing was written)")
+    if clash := sorted(set(info or {}) & RECORDED_KEYS):
+        raise ValueError(f"info keys {clash} are recorded by save_adapter itself: other keys are allowed")
     config = _adapter_config(model, adapter_name)
     tensors = {PEFT_PREFIX + k: v.contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
     bad = non_finite(tensors)
     if bad:
         raise ValueError(f"adapter {adapter_name!r} has non-finite values in {bad}; nothing was saved")
-    provenance = {"lora_config": config.to_dict(), "base_weights_sha256": base_weights_sha256(model), **(info or {})}
-    with atomic_dir(directory) as tmp:
-        (tmp / CONFIG_NAME).write_text(json.dumps(_peft_config(config), indent=2) + "\n")
-        save_file(tensors, tmp / WEIGHTS_NAME)
-        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
+    with ExitStack() as renames:  # entered last to first: renamed weights, config, then provenance
+        provenance_tmp, config_tmp, weights_tmp = (renames.enter_context(atomic_file(directory / name))
+                                                   for name in (PROVENANCE_NAME, CONFIG_NAME, WEIGHTS_NAME))
+        save_file(tensors, weights_tmp)
+        config_tmp.write_text(json.dumps(_peft_config(config), indent=2) + "\n")
+        provenance = {"lora_config": config.to_dict(), "base_weights_sha256": base_weights_sha256(model),
+                      "weights_sha256": file_sha256(weights_tmp), **(info or {})}
+        provenance_tmp.write_text(json.dumps(provenance, indent=2) + "\n")
     return provenance
 
 
@@ -62,9 +73,6 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, to
     """Read and check an adapter directory: (config, tensors keyed ``<module>.lora_A.weight``, provenance)."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    if not directory.exists() and previous_version(directory).is_dir():
-        raise AdapterLoadError(f"{directory}: missing; an interrupted save left the previous adapter in "
-                               f"{previous_version(directory)}, which the next save puts back")
     for path in (config_path, weights_path):
         if not path.is_file():
             raise AdapterLoadError(f"{path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
@@ -85,6 +93,10 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, to
     except Exception as exc:  # safetensors raises its own error types for damaged headers
         raise AdapterLoadError(f"{weights_path}: not a readable safetensors file ({exc})") from None
     provenance = _read_provenance(directory / PROVENANCE_NAME)
+    recorded_sha256 = provenance.get("weights_sha256")
+    if recorded_sha256 is not None and recorded_sha256 != (actual := file_sha256(weights_path)):
+        raise AdapterLoadError(f"{weights_path}: sha256 {actual[:12]}… is not the {str(recorded_sha256)[:12]}… that "
+                               f"{PROVENANCE_NAME} records: the files are from different saves (one cut off?)")
     try:
         config = LoRAConfig(
             r=raw["r"],
@@ -121,13 +133,17 @@ def load_adapter(
     adapter_name: str = DEFAULT_ADAPTER,
     allow_base_mismatch: bool = False,
 ) -> dict[str, Any]:
-    """Add the adapter in ``directory`` to ``model`` as ``adapter_name`` and make it active.
+    """Add the adapter in ``directory`` to ``model`` as ``adapter_name``: active on a model without adapters;
+    otherwise the active one stays, as in PEFT's ``load_adapter``.
 
     Refuses, by name, a different base (unless ``allow_base_mismatch``), missing, extra or misshapen
     tensors. The model is left unchanged when anything is refused. Returns the stored provenance.
     """
     config, tensors, provenance = read_adapter(directory)
     weights_path = Path(directory) / WEIGHTS_NAME
+    if any(tensor.is_meta for tensor in model.state_dict().values()):  # copying into them would keep nothing
+        raise AdapterLoadError(f"{weights_path}: the model's weights are on the 'meta' device; an adapter loads into "
+                               "a model whose weights are materialised (to_empty() and the base weights first)")
     recorded = provenance.get("base_weights_sha256")
     if recorded and not allow_base_mismatch:
         actual = base_weights_sha256(model)
@@ -137,12 +153,14 @@ def load_adapter(
                 "pass allow_base_mismatch=True to load it anyway"
             )
     modules = dict(model.named_modules())
+    try:
+        targets = target_names(model, config)
+    except LoRAConfigError as exc:
+        raise AdapterLoadError(f"{weights_path}: {exc}") from None
     expected = {}
-    for target in config.target_modules:
-        module = modules.get(target)
-        base = module.base_layer if hasattr(module, "base_layer") else module
-        if not isinstance(base, nn.Linear):
-            raise AdapterLoadError(f"{weights_path}: target module {target!r} is not an nn.Linear of this model")
+    for target in targets:
+        module = modules[target]
+        base = module.base_layer if isinstance(module, LoRALinear) else module
         r = config.rank_for(target)
         expected[f"{target}.lora_A.weight"] = (r, base.in_features)
         expected[f"{target}.lora_B.weight"] = (base.out_features, r)
@@ -155,7 +173,7 @@ def load_adapter(
     inject(model, config, adapter_name)
     layers = lora_layers(model)
     with torch.no_grad():
-        for target in config.target_modules:
+        for target in targets:
             layers[target].lora_A[adapter_name].weight.copy_(tensors[f"{target}.lora_A.weight"])
             layers[target].lora_B[adapter_name].weight.copy_(tensors[f"{target}.lora_B.weight"])
     return provenance

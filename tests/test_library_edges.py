@@ -28,7 +28,6 @@ from lora import (
     set_adapter,
     set_inference_scale,
 )
-from lora.files import previous_version
 from tests.helpers import ROOT, TARGETS, TinyMLP
 
 
@@ -149,20 +148,20 @@ def test_a_merged_adapter_can_be_neither_deleted_nor_switched_away():
 KILL_BETWEEN_RENAMES = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from lora import files
-    real_replace, calls = os.replace, []
+    import torch
+    from lora import LoRAConfig, files, inject, save_adapter
+    from tests.helpers import TARGETS, TinyMLP
+    real_replace = os.replace
     def replace(src, dst):
         real_replace(src, dst)
-        calls.append(dst)
-        if len(calls) == 1:  # the old directory moved aside, the new one not yet in place
-            os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)  # the new weights in place, the config and provenance not yet
     files.os.replace = replace
-    with files.atomic_dir(Path(sys.argv[1])) as tmp:
-        (tmp / "weights.bin").write_bytes(b"new")
+    torch.manual_seed(1)
+    save_adapter(inject(TinyMLP(40, 30), LoRAConfig(r=2, target_modules=TARGETS)), Path(sys.argv[1]))
 """)
 
 
-def test_a_save_killed_between_its_two_renames_loses_nothing_and_the_next_save_cleans_up(tmp_path):
+def test_a_save_killed_between_its_renames_is_refused_on_load_and_the_next_save_cleans_up(tmp_path):
     target = tmp_path / "adapter"
     model = inject(_model(), LoRAConfig(r=2, target_modules=TARGETS))
     _randomize_b(model, "default")
@@ -171,18 +170,29 @@ def test_a_save_killed_between_its_two_renames_loses_nothing_and_the_next_save_c
     result = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES, str(target)], cwd=ROOT,
                             env={"PYTHONPATH": str(ROOT), "PATH": os.environ["PATH"]})
     assert result.returncode == -signal.SIGKILL
-    assert not target.exists() and previous_version(target).is_dir()
-    with pytest.raises(ValueError, match="an interrupted save left the previous adapter in"):
+    assert len([p for p in target.iterdir() if p.name.endswith(".tmp")]) == 2  # the killed writer's config, provenance
+    with pytest.raises(ValueError, match="the files are from different saves"):
         load_adapter(_model(), target)
-    (tmp_path / ".adapter.999999999.stale.tmp").mkdir()  # a temporary directory whose writer is gone
-    inject(other := _model(), LoRAConfig(r=2, target_modules=TARGETS))
-    with pytest.raises(ValueError, match="non-finite"):  # even a refused save puts the previous one back first
-        with torch.no_grad():
-            lora_layers(other)["linear1"].lora_A["default"].weight[0, 0] = float("nan")
-        save_adapter(other, target)
     save_adapter(model, target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == saved
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_saving_into_a_directory_of_other_files_or_the_current_one_keeps_those_files(tmp_path, monkeypatch):
+    model = inject(_model(), LoRAConfig(r=2, target_modules=TARGETS))
+    _randomize_b(model, "default")
+    (tmp_path / "checkpoint.pt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    save_adapter(model, ".")
+    save_adapter(model, tmp_path)  # the same directory again: the adapter's files are replaced, nothing else
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "adapter_provenance.json", "checkpoint.pt"]
+    assert (tmp_path / "checkpoint.pt").read_text() == "mine"
+    load_adapter(loaded := _model(), tmp_path)
+    x = torch.randn(3, 784)
+    assert torch.equal(loaded(x), model(x))
+    with pytest.raises(ValueError, match=r"info keys \['weights_sha256'\] are recorded by save_adapter itself"):
+        save_adapter(model, tmp_path / "other", info={"weights_sha256": "mine"})
+    assert not (tmp_path / "other").exists()
 
 
 def test_saving_an_adapter_onto_a_regular_file_is_refused_and_keeps_the_file(tmp_path):

@@ -65,6 +65,10 @@ SAME_RANK = {"a": LoRAConfig(r=2, alpha=4, target_modules=TARGETS),
 MIXED_RANKS = {"a": LoRAConfig(r=1, alpha=1, target_modules=TARGETS),
                "b": LoRAConfig(r=3, alpha=6, target_modules=("linear2", "linear3"), rank_pattern={"linear3": 2}),
                "c": LoRAConfig(r=2, alpha=8, target_modules=TARGETS, alpha_pattern={"linear1": 2})}
+# rank patterns that lower every layer below r: PEFT sizes the combination from r, not from the layers
+LOWERED = {"a": LoRAConfig(r=4, alpha=4, use_rslora=True, target_modules=TARGETS, rank_pattern={"linear[123]": 2}),
+           "b": LoRAConfig(r=4, alpha=8, use_rslora=True, target_modules=TARGETS, rank_pattern={"linear[123]": 1}),
+           "c": LoRAConfig(r=3, alpha=2, use_rslora=True, target_modules=TARGETS, rank_pattern={"linear[12]": 2})}
 COMBINATIONS = {
     "linear": ({}, SAME_RANK),
     "cat": ({}, MIXED_RANKS),
@@ -79,6 +83,8 @@ COMBINATIONS = {
     "dare_linear_svd": ({"density": 0.6}, MIXED_RANKS),
     "dare_ties_svd": ({"density": 0.6}, MIXED_RANKS),
     "magnitude_prune_svd": ({"density": 0.5}, MIXED_RANKS),
+    "cat with rsLoRA and lowering rank patterns": ({}, LOWERED),
+    "svd with rsLoRA and lowering rank patterns": ({}, LOWERED),
 }
 
 

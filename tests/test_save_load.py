@@ -1,6 +1,7 @@
 """Adapter files: round trips, provenance, and refusal (by name) of anything that does not fit."""
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 
@@ -65,7 +66,8 @@ def test_loading_onto_a_different_base_is_refused_unless_overridden(tmp_path):
     assert lora_layers(other)
 
 
-def _rewrite(tmp_path, change) -> None:
+def _rewrite(tmp_path, change, record: bool = True) -> None:
+    """Change the saved tensors; with ``record`` the provenance records the new file's sha256, as if saved so."""
     path = tmp_path / "adapter" / WEIGHTS_NAME
     from safetensors import safe_open
 
@@ -74,6 +76,18 @@ def _rewrite(tmp_path, change) -> None:
     tensors = load_file(path)
     change(tensors)
     save_file(tensors, path, metadata=metadata)
+    if record:
+        provenance_path = tmp_path / "adapter" / PROVENANCE_NAME
+        provenance = json.loads(provenance_path.read_text())
+        provenance["weights_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        provenance_path.write_text(json.dumps(provenance))
+
+
+def test_weights_changed_after_the_save_are_refused_as_not_the_saved_ones(tmp_path):
+    save_adapter(trained_model(), tmp_path / "adapter")
+    _rewrite(tmp_path, lambda t: t["base_model.model.linear1.lora_B.weight"].mul_(2), record=False)
+    with pytest.raises(AdapterLoadError, match="that adapter_provenance.json records: the files are from different saves"):
+        load_adapter(fresh_base(), tmp_path / "adapter")
 
 
 @pytest.mark.parametrize(

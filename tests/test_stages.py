@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lora.files import file_sha256
+from lora.save_load import PROVENANCE_NAME
 from lora_mnist import integrity, memory
 from lora_mnist.batches import finetune_selection
 from lora_mnist.errors import DeviceError, IntegrityError, ResourceError
@@ -195,6 +197,8 @@ def test_an_adapter_too_large_for_the_base_is_refused_instead_of_scored(project,
     for name in tensors:
         tensors[name] = tensors[name].sign() * 1e30  # finite, but the logits overflow
     save_file(tensors, weights)
+    provenance = json.loads((weights.parent / PROVENANCE_NAME).read_text())  # as if saved so
+    (weights.parent / PROVENANCE_NAME).write_text(json.dumps({**provenance, "weights_sha256": file_sha256(weights)}))
     error = one_line_error(evaluate.main, capsys)
     assert "with the adapter on, the logits of" in error and "are not finite" in error
 
