@@ -221,7 +221,8 @@ def adapter_per_row(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.M
 def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
     """Fold the adapters (default: the active one) into the base weights and put each wrapped nn.Linear back in
     its place, as PEFT's ``merge_and_unload``: the model is a plain model again. An adapter already merged with
-    :func:`merge` stays merged (by default the active one is added to it, as in PEFT). All or nothing: every layer's weight is computed and checked before any is written."""
+    :func:`merge` stays merged (by default the active one is added to it, as in PEFT). All or nothing: every
+    layer's weight is computed and checked before any is written."""
     if adapter_names is not None:
         unknown = sorted(set(adapter_names) - _adapter_names(model))
         if unknown or not adapter_names:

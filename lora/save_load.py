@@ -236,6 +236,12 @@ PLAIN_LORA = {
     "trainable_token_indices": lambda v: not v,
     "megatron_config": lambda v: v is None,
     "alora_invocation_tokens": lambda v: v is None,
+    "layer_replication": lambda v: not v,
+    "use_bdlora": lambda v: not v,
+    "velora_config": lambda v: not v,
+    "monteclora_config": lambda v: not v,
+    "kasa_config": lambda v: not v,
+    "arrow_config": lambda v: not v,
 }
 
 

@@ -96,6 +96,21 @@ def test_a_peft_adapter_we_cannot_compute_as_peft_does_is_refused_in_one_line(tm
     assert all(torch.equal(tensor, before[name]) for name, tensor in ours.state_dict().items())
 
 
+# LoRA variants whose files hold plain-looking tensors, or which PEFT builds only with more options
+VARIANT_FIELDS = {"layer_replication": [[0, 2]], "use_bdlora": {"nblocks": 2}, "velora_config": {"r": 1},
+                  "monteclora_config": {"n": 2}, "kasa_config": {"r": 1}, "arrow_config": {"top_k": 1}}
+
+
+@pytest.mark.parametrize("field", VARIANT_FIELDS)
+def test_a_peft_lora_variant_is_refused_in_one_line_naming_its_field(tmp_path, field):
+    _, directory = _peft_adapter(tmp_path, {"r": 2, "lora_alpha": 2})
+    config = json.loads((tmp_path / "peft" / CONFIG_NAME).read_text())
+    (tmp_path / "peft" / CONFIG_NAME).write_text(json.dumps({**config, field: VARIANT_FIELDS[field]}))
+    with pytest.raises(AdapterLoadError, match=f"{field}=.* is not supported") as error:
+        load_adapter(ours := small_base(), directory)
+    assert "\n" not in str(error.value) and not lora_layers(ours)
+
+
 def test_a_regular_expression_for_target_modules_is_refused(tmp_path):
     _, directory = _peft_adapter(tmp_path, {"r": 2, "lora_alpha": 2})
     config = json.loads((tmp_path / "peft" / CONFIG_NAME).read_text())
