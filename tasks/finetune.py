@@ -31,7 +31,7 @@ def lora_config(params: Params, source: str = "params.yaml") -> LoRAConfig:
     problems = [f"lora.{key} is missing" for key in LORA_FIELDS if key not in section]
     problems += [f"unknown key lora.{key!r}: allowed are {sorted(LORA_FIELDS)}" for key in section if key not in LORA_FIELDS]
     targets = section.get("targets")
-    if isinstance(targets, list) and not all(t in LAYERS for t in targets):
+    if "targets" in section and not (isinstance(targets, list) and targets and all(t in LAYERS for t in targets)):
         problems.append(f"lora.targets={targets!r} is invalid: a non-empty list of {', '.join(map(repr, LAYERS))} is allowed")
     if problems:
         raise ParamsError(f"{source}: " + "; ".join(problems))

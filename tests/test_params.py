@@ -53,6 +53,10 @@ def test_bad_values_are_named_with_what_is_allowed(project, key, value, message)
         ("lora.alpha", float("inf"), "lora.alpha=inf is invalid"),
         ("lora.dropout", False, "lora.dropout=False is invalid"),
         ("lora.targets", ["linear4"], "lora.targets=\\['linear4'\\] is invalid"),
+        ("lora.targets", "linear9", "lora.targets='linear9' is invalid: a non-empty list of 'linear1', 'linear2', 'linear3'"),
+        ("lora.targets", "linear2", "lora.targets='linear2' is invalid: a non-empty list of"),  # one name, not a list
+        ("lora.targets", [], "lora.targets=\\[\\] is invalid: a non-empty list of"),
+        ("lora.targets", [{"a": 1}], "lora.targets=\\[\\{'a': 1\\}\\] is invalid"),
         ("lora.init", "xavier", "lora.init='xavier' is invalid"),
         ("lora.use_rslora", 1, "lora.use_rslora=1 is invalid: true or false is allowed"),
         ("lora.typo", 1, "unknown key lora.'typo'"),
