@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import logging
-import os
 import itertools
 import json
+import logging
+import os
 import re
 import socket
 from pathlib import Path
