@@ -55,7 +55,7 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow  # the full-size model, pretrained seven times
+@pytest.mark.slow  # the full-size model, pretrained eight times
 def test_pretrain_killed_at_random_moments_leaves_weights_absent_or_complete(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["model"] = {"hidden_1": 1000, "hidden_2": 2000}  # full-size weights: the save takes a while
@@ -64,20 +64,21 @@ def test_pretrain_killed_at_random_moments_leaves_weights_absent_or_complete(pro
     env = {"PYTHONPATH": str(ROOT), "PATH": os.environ["PATH"]}
     command = [sys.executable, "-m", "tasks.pretrain"]
 
+    weights = project / "models" / "base.safetensors"
+    subprocess.run(command, cwd=project, env=env, check=True, capture_output=True)  # warms the disk cache
+    reference = weights.read_bytes()
     started = time.monotonic()
     subprocess.run(command, cwd=project, env=env, check=True, capture_output=True)
     duration = time.monotonic() - started
-    weights = project / "models" / "base.safetensors"
-    reference = weights.read_bytes()
 
     rng = random.Random(0)
-    # One kill surely before the save (torch is still importing), then moments around the save.
-    moments = [0.25] + [rng.uniform(0.5, 1.1) for _ in range(4)]
+    # One kill surely before the save (half a second in, torch is still importing), then moments around the save.
+    delays = [0.5] + [rng.uniform(0.5, 1.1) * duration for _ in range(4)]
     outcomes = set()
-    for moment in moments:
+    for delay in delays:
         weights.unlink(missing_ok=True)
         process = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(moment * duration)
+        time.sleep(delay)
         process.send_signal(signal.SIGKILL)
         process.wait()
         if weights.exists():
