@@ -1,7 +1,9 @@
 """The CPU kernels (lora_mnist/fast/cpu_kernels.py): pretraining follows autograd and torch's Adam to float
-rounding, is deterministic and independent of the thread count; the kernel is built once, and a missing or
-failing compiler is one line."""
+rounding, is deterministic and independent of the thread count and of the instruction set it is built for; the
+kernel is built once, and a missing or failing compiler is one line."""
 from __future__ import annotations
+
+import platform
 
 import pytest
 import torch
@@ -120,6 +122,24 @@ def test_fused_results_do_not_depend_on_the_thread_count(sparse: bool) -> None:
     for losses, parameters in runs[1:]:
         assert torch.equal(losses, runs[0][0])
         assert all(torch.equal(a, b) for a, b in zip(parameters, runs[0][1]))
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 instruction sets")
+def test_fused_results_do_not_depend_on_the_instruction_set_the_kernel_is_built_for(fresh_build, monkeypatch: pytest.MonkeyPatch) -> None:
+    generator = torch.Generator().manual_seed(3)
+    images, labels = torch.rand(300, 784, generator=generator), torch.randint(0, 10, (300,), generator=generator)
+    runs = []
+    for target in ("x86-64", "native"):  # SSE2 without fused multiply-add; this CPU's best, with it
+        monkeypatch.setattr(cpu_kernels, "FLAGS", [f"-march={target}" if flag.startswith("-march=") else flag
+                                                   for flag in cpu_kernels.FLAGS])
+        cpu_kernels._library.cache_clear()
+        torch.manual_seed(0)
+        model = OversizedMLP(hidden_1=37, hidden_2=50)  # sizes off the vector width: the scalar tails run too
+        losses = train_fused(model, images, labels, batch_order(300, 10, 40, seed=0), lr=1e-3)
+        runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+    assert len(list(fresh_build.iterdir())) == 2  # two builds
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
 
 
 def _adam_step_without_gradient(exp_avg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

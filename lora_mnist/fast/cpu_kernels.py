@@ -32,7 +32,9 @@ from ..errors import BackendError
 from .adam import ADAM_BETAS, ADAM_EPS
 
 SOURCE = Path(__file__).with_name("linear_adam.c")
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+# No fused multiply-adds: where GCC fuses depends on the target (AVX-512 and AVX2 builds fused different
+# products), so the weights would too; unfused, every x86 build rounds the same.
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 
 
 class KernelUnavailable(BackendError):
