@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from .config import LoRAConfig, LoRAConfigError
+from .config import LoRAConfig, LoRAConfigError, _is_number
 
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
@@ -123,7 +123,7 @@ class LoRALinear(nn.Module):
         the layer's dtype (1e39 is infinite in float32)."""
         largest = torch.finfo(self.base_layer.weight.dtype).max
         allowed = f"a number >= 0 whose product with the adapter's scaling is at most {largest:.3g} ({self.base_layer.weight.dtype})"
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+        if not _is_number(value) or value < 0 \
                 or any(value * scaling > largest for scaling in self.scaling.values()):
             raise ValueError(f"inference scale={value!r} is invalid: {allowed} is allowed")
 

@@ -55,7 +55,8 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = DEFAULT_ADA
 
     All or nothing: every target is checked before any layer changes. On a model without adapters the new one
     is active; calling it again with another name adds a second adapter and, as in PEFT, the active adapter
-    stays (``set_adapter`` switches). A name the model has already is refused, as in PEFT.
+    stays (``set_adapter`` switches); after delete_adapter took the last one, none is active until
+    ``set_adapter``, on every layer. A name the model has already is refused, as in PEFT.
     """
     names, existing, modules = target_names(model, config), lora_layers(model), dict(model.named_modules())
     if adapter_name in _adapter_names(model):
@@ -69,10 +70,15 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = DEFAULT_ADA
         if r > limit:
             raise LoRAConfigError("r", r, f"at most {limit} for {target} "
                                   f"({modules[target].in_features} -> {modules[target].out_features})")
-    active = active_adapter(model) if existing else adapter_name
+    # The model's active adapter, None once delete_adapter took the last one (then PEFT activates none).
+    active = next((layer.active_adapter for layer in existing.values() if layer.active_adapter), None) \
+        if existing else adapter_name
     for target in names:
         if target in existing:
+            emptied = not existing[target].lora_A  # follows the model, as a new layer does
             existing[target].add_adapter(adapter_name, config)
+            if emptied:
+                existing[target].active_adapter = active
             continue
         parent_name, _, child = target.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

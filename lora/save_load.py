@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import LoRAConfig, LoRAConfigError
 from .files import atomic_file, file_sha256, non_finite, tensors_sha256
-from .layer import LoRALinear
+from .layer import LoRALinear, LoRAMergeError
 from .model import DEFAULT_ADAPTER, adapter_state_dict, base_state_dict, inject, lora_layers, target_names
 
 CONFIG_NAME = "adapter_config.json"
@@ -47,12 +47,17 @@ def save_adapter(
 ) -> dict[str, Any]:
     """Write one adapter's three files into ``directory`` (created if need be; other files in it are left alone,
     as PEFT's ``save_pretrained``). Each file is replaced by one rename, the provenance last: it records the
-    weights file's sha256, so a save cut off between renames is refused on load. Returns the provenance."""
+    weights file's sha256, so a save cut off between renames is refused on load. Refused while an adapter is
+    merged: the base weights are then W + ΔW, and not the base the record must name. Returns the provenance."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{directory}: is a file; an adapter is saved as a directory (nothing was written)")
     if clash := sorted(set(info or {}) & RECORDED_KEYS):
         raise ValueError(f"info keys {clash} are recorded by save_adapter itself: other keys are allowed")
+    if merged := sorted(name for name, layer in lora_layers(model).items() if layer.merged):
+        raise LoRAMergeError(f"{', '.join(merged)}: an adapter is merged into the base weights, which no longer hash as "
+                             "the base it was trained on (unmerge restores them only to float rounding): save before "
+                             "merging (nothing was written)")
     config = _adapter_config(model, adapter_name)
     tensors = {PEFT_PREFIX + k: v.contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
     bad = non_finite(tensors)

@@ -81,6 +81,15 @@ def test_an_inference_scale_that_overflows_float32_and_a_huge_rank_are_refused_w
         inject(_model(), LoRAConfig(r=1000, target_modules=TARGETS))
 
 
+def test_an_integer_too_large_for_a_float_is_refused_as_a_value_not_a_traceback():
+    model = inject(_model(), LoRAConfig(r=2, target_modules=TARGETS))
+    with pytest.raises(ValueError, match="inference scale=10{400} is invalid"):
+        set_inference_scale(model, 10**400)
+    for field in ("alpha", "dropout"):
+        with pytest.raises(LoRAConfigError, match=f"{field}=10{{400}} is invalid"):
+            LoRAConfig(r=2, target_modules=TARGETS, **{field: 10**400})
+
+
 def _peft_pair(first_targets: list[str], second_targets: list[str]):
     """The same two adapters (a: ``first_targets``, b: ``second_targets``) in PEFT and here, with equal weights."""
     theirs = peft.get_peft_model(_model(), peft.LoraConfig(r=2, lora_alpha=2, target_modules=first_targets), adapter_name="first")
@@ -143,6 +152,26 @@ def test_a_merged_adapter_can_be_neither_deleted_nor_switched_away():
         delete_adapter(ours, "first")
     with pytest.raises(LoRAMergeError, match="'first' is merged"):
         set_adapter(ours, "second")
+
+
+def test_an_adapter_injected_after_the_last_one_was_deleted_is_active_on_no_layer_until_set_as_in_peft():
+    model = inject(_model(), LoRAConfig(r=2, target_modules=["linear1"]), "a")
+    delete_adapter(model, "a")
+    inject(model, LoRAConfig(r=2, target_modules=list(TARGETS)), "b")  # linear1 is an emptied LoRA layer, the rest new
+    assert {name: layer.active_adapter for name, layer in lora_layers(model).items()} == dict.fromkeys(TARGETS)
+    set_adapter(model, "b")
+    assert {layer.active_adapter for layer in lora_layers(model).values()} == {"b"}
+
+
+def test_saving_while_an_adapter_is_merged_is_refused_and_writes_nothing(tmp_path):
+    model = inject(_model(), LoRAConfig(r=2, target_modules=TARGETS))
+    _randomize_b(model, "default")
+    save_adapter(model, tmp_path / "before")
+    merge(model)
+    with pytest.raises(LoRAMergeError, match=r"linear1, linear2, linear3: an adapter is merged .*: save before merging"):
+        save_adapter(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+    load_adapter(_model(), tmp_path / "before")  # saved before the merge, it names the base it was trained on
 
 
 KILL_BETWEEN_RENAMES = textwrap.dedent("""
