@@ -35,11 +35,19 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float, 10**400
+        return False
 
 
-def _int_at_least(minimum: int) -> Callable[[Any], bool]:
-    return lambda v: _is_int(v) and v >= minimum
+INT_LIMIT = 2**63  # torch's sizes, indices and seeds are 64-bit
+
+
+def _count(v: Any) -> bool:
+    return _is_int(v) and 1 <= v < INT_LIMIT
 
 
 def _positive(v: Any) -> bool:
@@ -51,7 +59,7 @@ def _fraction(v: Any) -> bool:
 
 
 SOURCES = ("local", "torchvision", "npm")
-SEED_LIMIT = 2**63  # torch.manual_seed takes 64-bit seeds
+COUNT = "an integer in [1, 2**63)"
 
 
 @dataclass(frozen=True)
@@ -63,30 +71,30 @@ class Download:
 
 @dataclass(frozen=True)
 class Model:
-    hidden_1: int = _rule(_int_at_least(1), "an integer >= 1")
-    hidden_2: int = _rule(_int_at_least(1), "an integer >= 1")
+    hidden_1: int = _rule(_count, COUNT)
+    hidden_2: int = _rule(_count, COUNT)
 
 
 @dataclass(frozen=True)
 class Pretrain:
-    epochs: int = _rule(_int_at_least(1), "an integer >= 1")
-    batch_size: int = _rule(_int_at_least(1), "an integer >= 1")
+    epochs: int = _rule(_count, COUNT)
+    batch_size: int = _rule(_count, COUNT)
     lr: float = _rule(_positive, "a finite number > 0")
-    max_steps: int | None = _rule(lambda v: v is None or _int_at_least(1)(v), "null or an integer >= 1")
+    max_steps: int | None = _rule(lambda v: v is None or _count(v), f"null or {COUNT}")
 
 
 @dataclass(frozen=True)
 class Finetune:
     digit: int | str = _rule(lambda v: v == "auto" or (_is_int(v) and 0 <= v <= 9), "'auto' or a digit 0-9")
-    steps: int = _rule(_int_at_least(1), "an integer >= 1")
-    batch_size: int = _rule(_int_at_least(1), "an integer >= 1")
+    steps: int = _rule(_count, COUNT)
+    batch_size: int = _rule(_count, COUNT)
     lr: float = _rule(_positive, "a finite number > 0")
     replay_fraction: float = _rule(_fraction, "a number in [0, 1)")
 
 
 @dataclass(frozen=True)
 class Params:
-    seed: int = _rule(lambda v: _is_int(v) and 0 <= v < SEED_LIMIT, "an integer in [0, 2**63)")
+    seed: int = _rule(lambda v: _is_int(v) and 0 <= v < INT_LIMIT, "an integer in [0, 2**63)")
     device: str = _rule(lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
                         "'auto', 'cpu', 'cuda' or 'cuda:N'")
     backend: str = _rule(lambda v: isinstance(v, str) and bool(v), "a backend name (see lora_mnist.backend)")
