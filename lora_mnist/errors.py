@@ -26,4 +26,8 @@ class ResourceError(RuntimeError):
     """The machine lacks the memory a stage needs."""
 
 
-EXPECTED_ERRORS = (DataError, WeightsError, DeviceError, BackendError, IntegrityError, ResourceError)
+class TrainingError(RuntimeError):
+    """Training diverged: a loss or a trained weight became infinite or NaN."""
+
+
+EXPECTED_ERRORS = (DataError, WeightsError, DeviceError, BackendError, IntegrityError, ResourceError, TrainingError)

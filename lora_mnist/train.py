@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from .backend import make_optimizer, train_fast, training_path
 from .batches import batch_order
-from .errors import DeviceError
+from .errors import DeviceError, TrainingError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,7 +55,8 @@ def train(
     batches = batch_order(images.shape[0], batch_size, steps, seed)
     path = training_path(model, images, optimizer, backend)
     if path == "cpu-kernels":
-        return train_fast(path, model, images, labels, batches, batch_size=batch_size, lr=lr, optimizer=None, desc=desc)
+        losses = train_fast(path, model, images, labels, batches, batch_size=batch_size, lr=lr, optimizer=None, desc=desc)
+        return _finite(model, losses, desc)
     optimizer = optimizer or make_optimizer([p for p in model.parameters() if p.requires_grad], lr, backend)
     path = training_path(model, images, optimizer, backend)
     model.train()
@@ -72,7 +73,18 @@ def train(
             optimizer.zero_grad()
             losses[step] = loss.detach()
     model.eval()
-    return losses.cpu()
+    return _finite(model, losses.cpu(), desc)
+
+
+def _finite(model: nn.Module, losses: torch.Tensor, desc: str) -> torch.Tensor:
+    """``losses``, once every loss and trained weight is finite; a run whose loss or weights became inf or NaN
+    raises TrainingError, before any stage saves them."""
+    bad = (~torch.isfinite(losses)).nonzero().flatten()
+    if len(bad) or not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+        where = f"the loss is {losses[bad[0]].item()} at step {int(bad[0]) + 1}" if len(bad) else "the weights are not finite"
+        raise TrainingError(f"{desc} diverged: {where} of {len(losses)}; a smaller learning rate (or LoRA alpha) "
+                            "keeps training finite")
+    return losses
 
 
 def optimizer_state_bytes(optimizer: Any) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -138,6 +139,24 @@ def _flip_one_bit(path) -> None:
     weight = tensors["linear2.weight"]
     weight.view(torch.int32)[0, 0] ^= 1
     save_file(tensors, path)
+
+
+@pytest.mark.parametrize("overrides", [{"lora.alpha": 1e20}, {"finetune.lr": 1e30}], ids=["alpha", "lr"])
+def test_a_finetune_that_diverges_stops_in_one_line_and_saves_nothing(project, capsys, overrides):
+    run_all(until="analyze")
+    set_params(project / "params.yaml", **overrides)
+    error = one_line_error(finetune.main, capsys)
+    assert re.match(r"error: finetune digit \d diverged: the loss is nan at step \d+ of 20; ", error)
+    assert "a smaller learning rate (or LoRA alpha) keeps training finite" in error
+    assert not (project / "models" / "adapter").exists()
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])  # the CPU kernels, autograd
+def test_a_pretrain_that_diverges_stops_in_one_line_and_saves_no_weights(project, capsys, backend):
+    set_params(project / "params.yaml", **{"pretrain.lr": 1e30, "backend": backend})
+    error = one_line_error(pretrain.main, capsys)
+    assert error.startswith("error: pretrain diverged: the loss is ")
+    assert not BASE_WEIGHTS.exists()
 
 
 def test_a_base_bit_flipped_after_pretrain_stops_finetune_in_one_line(project, capsys):
