@@ -100,11 +100,15 @@ def experiment_exists(name: str, cwd: Path | None = None) -> bool:
 
 
 WORKSPACES = Path(".dvc/tmp/flow-workspaces")
-EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+EXPERIMENT_NAME_LIMIT = 100
+EXPERIMENT_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{EXPERIMENT_NAME_LIMIT - 1}}}")
 
 
 def validate_experiment_name(name: Any) -> str:
     """A name DVC takes for an experiment and that is one directory under WORKSPACES."""
+    if isinstance(name, str) and len(name) > EXPERIMENT_NAME_LIMIT:
+        raise ValueError(f"experiment name {name!r} is {len(name)} characters long: at most {EXPERIMENT_NAME_LIMIT} "
+                         "are allowed")
     if not isinstance(name, str) or not EXPERIMENT_NAME.fullmatch(name) or name.endswith((".lock", ".")) or ".." in name:
         raise ValueError(f"experiment name {name!r} is invalid: letters, digits, '_', '.' and '-', starting with a "
                          "letter or digit, are allowed")

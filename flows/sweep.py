@@ -57,8 +57,11 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 
 def experiment_name(prefix: str, overrides: dict[str, Any]) -> str:
-    """``prefix-rank4-alpha1``: a name git takes as a ref ('.' and ':' in values become '_')."""
-    parts = [re.sub(r"[^A-Za-z0-9_-]", "_", f"{key.rsplit('.', 1)[-1]}{value}") for key, value in overrides.items()]
+    """``prefix-rank4-alpha1``: a name git takes as a ref ('.' and ':' in values become '_'; a list's items are
+    joined by '_': ``targetslinear1_linear2``)."""
+    parts = [re.sub(r"[^A-Za-z0-9_-]", "_", key.rsplit(".", 1)[-1] + ("_".join(map(str, value)) if isinstance(value, list)
+                                                                       else str(value)))
+             for key, value in overrides.items()]
     return "-".join([prefix, *parts])
 
 
@@ -209,8 +212,27 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
             raise ParamsError(f"-S {item!r} is invalid: key=value1,value2 is allowed")
         if key in grid:
             raise ParamsError(f"-S {key} is given twice: one -S per key is allowed")
-        grid[key] = [read_yaml(v, f"-S {item!r}") for v in values.split(",")]
+        grid[key] = [read_yaml(v, f"-S {item!r}") for v in _top_level_split(values)]
     return grid
+
+
+def _top_level_split(values: str) -> list[str]:
+    """``[a,b],[c]`` as ``["[a,b]", "[c]"]``: commas inside brackets or quotes belong to one value, as in
+    `dvc exp run -S` sweeps."""
+    parts, depth, quote, start = [], 0, None, 0
+    for i, char in enumerate(values):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(values[start:i])
+            start = i + 1
+    return [*parts, values[start:]]
 
 
 def main() -> None:

@@ -92,7 +92,18 @@ def test_a_grid_value_json_cannot_write_is_refused_by_the_params_check_not_by_a_
 def test_a_points_experiment_name_is_a_git_ref_name_for_any_value():
     assert experiment_name("sweep", {"lora.rank": 4, "lora.alpha": 0.5}) == "sweep-rank4-alpha0_5"
     assert experiment_name("s", {"device": "cuda:1"}) == "s-devicecuda_1"
-    assert experiment_name("s", {"lora.targets": ["fc1", "fc2"]}) == "s-targets__fc1____fc2__"
+    assert experiment_name("s", {"lora.targets": ["fc1", "fc2"]}) == "s-targetsfc1_fc2"
+
+
+def test_a_grid_of_list_values_keeps_the_commas_inside_brackets_and_quotes_as_dvc_sweeps_do():
+    grid = parse_grid(["lora.targets=[linear1],[linear1,linear2]", "download.source_dir='a,b',c"])
+    assert grid == {"lora.targets": [["linear1"], ["linear1", "linear2"]], "download.source_dir": ["a,b", "c"]}
+    assert plan({"lora.targets": grid["lora.targets"]}, "s", 2, "auto")[1] == ["s-targetslinear1", "s-targetslinear1_linear2"]
+
+
+def test_an_experiment_name_over_100_characters_is_refused_for_its_length():
+    with pytest.raises(ValueError, match="experiment name 'p{50}-source_dirx{60}' is 121 characters long: at most 100 are allowed"):
+        plan({"download.source_dir": ["x" * 60]}, "p" * 50, 2, "auto")
 
 
 def test_the_results_table_aligns_every_column_to_its_widest_cell():
