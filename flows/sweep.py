@@ -38,7 +38,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.dvc_stage import StageFailed, experiment_exists, one_line_errors, validate_experiment_name, validate_overrides
 from flows.pipeline import TRAINING_MODES, check_training, pipeline
-from tasks.params import ParamsError, read_yaml
+from tasks.params import ParamsError, parse_override
 
 LOCAL_DASK = "local"
 SCHEDULER_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d+")  # host or [IPv6], then port
@@ -205,34 +205,17 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """``-S`` sweeps as `dvc exp run -S` reads them: ``lora.rank=1,2``, ``range(1,4)``, ``[a],[a,b]`` (two lists)."""
     grid = {}
     for item in items:
         key, sep, values = item.partition("=")
         if not sep or not key or not values:
             raise ParamsError(f"-S {item!r} is invalid: key=value1,value2 is allowed")
+        key, values, _ = parse_override(item)
         if key in grid:
             raise ParamsError(f"-S {key} is given twice: one -S per key is allowed")
-        grid[key] = [read_yaml(v, f"-S {item!r}") for v in _top_level_split(values)]
+        grid[key] = values
     return grid
-
-
-def _top_level_split(values: str) -> list[str]:
-    """``[a,b],[c]`` as ``["[a,b]", "[c]"]``: commas inside brackets or quotes belong to one value, as in
-    `dvc exp run -S` sweeps."""
-    parts, depth, quote, start = [], 0, None, 0
-    for i, char in enumerate(values):
-        if quote:
-            quote = None if char == quote else quote
-        elif char in "'\"":
-            quote = char
-        elif char in "[{":
-            depth += 1
-        elif char in "]}":
-            depth -= 1
-        elif char == "," and depth == 0:
-            parts.append(values[start:i])
-            start = i + 1
-    return [*parts, values[start:]]
 
 
 def main() -> None:

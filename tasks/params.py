@@ -180,14 +180,36 @@ def with_overrides(data: Params | dict[str, Any], overrides: dict[str, Any], sou
     return from_mapping(result, f"{source} with overrides {overrides}")
 
 
+def parse_override(arg: str) -> tuple[str, list[Any], bool]:
+    """``"lora.rank=1,2"`` as ``("lora.rank", [1, 2], True)``: the key, its values and whether it is a sweep, read
+    by Hydra's override grammar as `dvc exp run -S` reads them (``010`` is a string, ``[a,b]`` one list,
+    ``null`` None, ``1,2`` and ``range(1,4)`` sweeps)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType, QuotedString
+    from hydra.errors import HydraException
+
+    allowed = "key=value is allowed, for example lora.rank=4"
+    if not arg.partition("=")[0] or "=" not in arg:
+        raise ParamsError(f"override {arg!r} is invalid: {allowed}")
+    try:
+        override = OverridesParser.create().parse_overrides([arg])[0]
+    except HydraException as exc:
+        raise ParamsError(f"override {arg!r} is invalid ({str(exc).splitlines()[0]}): {allowed}") from None
+    if override.type != OverrideType.CHANGE or not override.key_or_group or override.package is not None:
+        raise ParamsError(f"override {arg!r} is invalid: {allowed}")  # +key, ~key and @package edit the file's keys
+    sweep = override.is_sweep_override()
+    values = list(override.sweep_iterator()) if sweep else [override.value()]
+    return override.key_or_group, [v.text if isinstance(v, QuotedString) else v for v in values], sweep
+
+
 def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """``["lora.rank=4", ...]`` as ``{"lora.rank": 4}``; values are read as YAML 1.2, as `dvc exp run -S` does."""
+    """``["lora.rank=4", ...]`` as ``{"lora.rank": 4}``, each value read as `dvc exp run -S` reads it."""
     overrides = {}
     for arg in args:
-        key, sep, value = arg.partition("=")
-        if not sep or not key:
-            raise ParamsError(f"override {arg!r} is invalid: key=value is allowed, for example lora.rank=4")
+        key, values, sweep = parse_override(arg)
+        if sweep:
+            raise ParamsError(f"override {arg!r} is a sweep: one value is allowed (python -m flows.sweep sweeps)")
         if key in overrides:
             raise ParamsError(f"override {key} is given more than once: one value per key is allowed")
-        overrides[key] = read_yaml(value, f"override {arg!r}") if value.strip() else None
+        overrides[key] = values[0]
     return overrides

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tasks.finetune import lora_config
-from tasks.params import Params, ParamsError, load_params, parse_overrides, with_overrides
+from tasks.params import Params, ParamsError, load_params, parse_overrides, read_yaml, with_overrides
 from tests.helpers import ROOT, one_line_error, set_params
 
 
@@ -82,6 +82,35 @@ def test_missing_section_and_unknown_top_level_keys_are_reported(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(ParamsError, match="lora is missing .*; unknown key 'extra'"):
         load_params(project / "params.yaml")
+
+
+@pytest.mark.parametrize("arg, value", [
+    ("seed=010", "010"), ("seed=0x10", "0x10"), ("pretrain.max_steps=", ""), ("pretrain.max_steps=null", None),
+    ("download.source_dir=2024-01-01", "2024-01-01"), ("lora.targets=[linear1,linear2]", ["linear1", "linear2"]),
+    ("finetune.lr=1e-3", 0.001), ("lora.use_rslora=true", True), ("lora.init='normal'", "normal"),
+])
+def test_override_values_are_read_as_dvc_exp_run_reads_them(tmp_path, arg, value):
+    from dvc.utils.hydra import apply_overrides
+
+    key = arg.partition("=")[0]
+    assert parse_overrides([arg]) == {key: value}
+    copy = tmp_path / "params.yaml"
+    copy.write_text((ROOT / "params.yaml").read_text())
+    apply_overrides(copy, [arg])  # what `dvc exp run -S` writes into params.yaml
+    section, _, name = key.rpartition(".")
+    written = read_yaml(copy.read_text(), str(copy))
+    assert (written[section] if section else written)[name] == value
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("lora.rank=1,2", "is a sweep: one value is allowed"),
+    ("~seed", "is invalid: key=value is allowed"),
+    ("+extra=1", "is invalid: key=value is allowed"),
+    ("lora.targets=[linear1", "is invalid \\(no viable alternative"),
+])
+def test_an_override_dvc_would_read_as_a_sweep_a_key_edit_or_nothing_is_refused(arg, message):
+    with pytest.raises(ParamsError, match=message):
+        parse_overrides([arg])
 
 
 def test_numbers_with_an_exponent_are_numbers_as_dvc_writes_them(project):
