@@ -26,7 +26,7 @@ experiments: $(STAMP)
 # no Prefect server, no real MNIST).
 # Two pytest workers: the slow tests spend much of their time waiting on servers, git and DVC, not computing.
 test: $(STAMP) /usr/sbin/sshd
-	PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 python -m pytest -n 2 --dist worksteal
+	PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 python -m pytest -n 2 --dist worksteal --durations=15
 
 # The SSH-remote test starts Debian's sshd on 127.0.0.1 itself; installing the package must not start the service
 # (policy-rc.d 101 tells the package scripts not to).

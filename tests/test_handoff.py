@@ -154,6 +154,7 @@ def test_a_request_is_refused_for_a_later_stage_entry_or_a_malformed_commit(chec
 def test_an_experiment_name_that_is_not_one_plain_directory_name_is_refused(name):
     from flows.dvc_stage import validate_experiment_name
 
-    with pytest.raises(ValueError, match="is invalid: letters, digits"):
+    message = "is 101 characters long: at most 100 are allowed" if name == "a" * 101 else "is invalid: letters, digits"
+    with pytest.raises(ValueError, match=message):
         validate_experiment_name(name)
     assert validate_experiment_name("rank-4_a.2") == "rank-4_a.2"
