@@ -4,13 +4,12 @@ multiply-adds (tests/test_cpu_kernels.py)."""
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from tasks import _cpu_has_avx2
 from tests.helpers import ROOT
 
 PINS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR")
@@ -22,8 +21,7 @@ x, w, b = torch.randn(10, 784, generator=g), torch.randn(1000, 784, generator=g)
 y = torch.nn.functional.linear(x, w, b)
 print(torch.backends.cpu.get_cpu_capability(), hashlib.sha256(torch.softmax(y, 1).numpy().tobytes()).hexdigest())
 """
-HAS_AVX2 = platform.machine() == "x86_64" and {"avx2", "fma"} <= set(
-    next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "").split())
+HAS_AVX2 = _cpu_has_avx2()
 
 
 def _run(code: str, **env: str) -> str:
