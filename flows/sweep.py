@@ -59,10 +59,12 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 def experiment_name(prefix: str, overrides: dict[str, Any]) -> str:
     """``prefix-rank4-alpha1``: a name git takes as a ref ('.' and ':' in values become '_'; a list's items are
     joined by '_': ``targetslinear1_linear2``)."""
-    parts = [re.sub(r"[^A-Za-z0-9_-]", "_", key.rsplit(".", 1)[-1] + ("_".join(map(str, value)) if isinstance(value, list)
-                                                                       else str(value)))
-             for key, value in overrides.items()]
+    parts = [re.sub(r"[^A-Za-z0-9_-]", "_", key.rsplit(".", 1)[-1] + _value_text(value)) for key, value in overrides.items()]
     return "-".join([prefix, *parts])
+
+
+def _value_text(value: Any) -> str:
+    return "_".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def check_grid(grid: Any, jobs: Any) -> None:
