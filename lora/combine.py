@@ -15,9 +15,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .config import _is_number
+from .config import is_finite_number
 from .layer import LoRALinear
-from .model import _adapter_names, lora_layers
+from .model import adapters_of, lora_layers
 
 # combination type -> (how each tensor is pruned, whether one sign is elected per entry, whether on ΔW + SVD)
 COMBINATION_TYPES = {
@@ -99,20 +99,20 @@ def add_weighted_adapter(
 def _check(model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str,
            svd_rank: int | None, density: float | None, majority_sign_method: str) -> int:
     """Raise on anything PEFT would refuse or compute wrongly; return the new adapter's r."""
-    present = _adapter_names(model)
+    present = adapters_of(model)
     if combination_type not in COMBINATION_TYPES:
         raise ValueError(f"combination_type={combination_type!r} is invalid: one of {sorted(COMBINATION_TYPES)} is allowed")
     if isinstance(adapters, str) or not adapters or any(a not in present for a in adapters):
         raise KeyError(f"adapters={adapters!r} is invalid: a non-empty list of the model's adapters {sorted(present)} is allowed")
     if not isinstance(adapter_name, str) or not adapter_name or adapter_name in present:
         raise ValueError(f"adapter_name={adapter_name!r} is invalid: a new, non-empty name (present: {sorted(present)}) is allowed")
-    if len(weights) != len(adapters) or not all(_is_number(w) for w in weights):
+    if len(weights) != len(adapters) or not all(is_finite_number(w) for w in weights):
         raise ValueError(f"weights={weights!r} is invalid: one finite number per adapter ({len(adapters)}) is allowed")
     kind = "linear" if len(adapters) == 1 else combination_type
     prune, elect_sign, on_delta = COMBINATION_TYPES[kind]
-    if prune == "magnitude" and not (_is_number(density) and 0 <= density <= 1):
+    if prune == "magnitude" and not (is_finite_number(density) and 0 <= density <= 1):
         raise ValueError(f"density={density!r} is invalid: {kind} needs a number in [0, 1], the share of values kept")
-    if prune == "random" and not (_is_number(density) and 0 < density <= 1):  # DARE rescales by 1/density
+    if prune == "random" and not (is_finite_number(density) and 0 < density <= 1):  # DARE rescales by 1/density
         raise ValueError(f"density={density!r} is invalid: {kind} needs a number in (0, 1], the share of values kept")
     if elect_sign and majority_sign_method not in SIGN_METHODS:
         raise ValueError(f"majority_sign_method={majority_sign_method!r} is invalid: one of {list(SIGN_METHODS)} is allowed")

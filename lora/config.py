@@ -16,7 +16,7 @@ class LoRAConfigError(ValueError):
         self.field, self.value, self.allowed = field, value, allowed
 
 
-def _is_number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
     """A finite int or float, not a bool; an int too large for a float (10**400) is not."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
@@ -93,8 +93,8 @@ class LoRAConfig:
         checks = [
             ("r", isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1, "an integer >= 1"),
             ("r", not isinstance(self.r, int) or self.r <= MAX_RANK, f"an integer up to {MAX_RANK}"),
-            ("alpha", _is_number(self.alpha) and self.alpha > 0, "a finite number > 0"),
-            ("dropout", _is_number(self.dropout) and 0.0 <= self.dropout < 1.0, "a number in [0, 1)"),
+            ("alpha", is_finite_number(self.alpha) and self.alpha > 0, "a finite number > 0"),
+            ("dropout", is_finite_number(self.dropout) and 0.0 <= self.dropout < 1.0, "a number in [0, 1)"),
             ("init", isinstance(self.init, str) and self.init in INIT_METHODS, f"one of {sorted(INIT_METHODS)}"),
             ("use_rslora", isinstance(self.use_rslora, bool), "true or false"),
             ("target_modules", isinstance(self.target_modules, tuple) and bool(self.target_modules)
@@ -102,7 +102,7 @@ class LoRAConfig:
              "a non-empty list of the names of the nn.Linear modules to adapt"),
             ("rank_pattern", _is_pattern(self.rank_pattern, _is_rank),
              f"a mapping of module-name patterns (regular expressions) to integers 1..{MAX_RANK}"),
-            ("alpha_pattern", _is_pattern(self.alpha_pattern, lambda v: _is_number(v) and v > 0),
+            ("alpha_pattern", _is_pattern(self.alpha_pattern, lambda v: is_finite_number(v) and v > 0),
              "a mapping of module-name patterns (regular expressions) to finite numbers > 0"),
         ]
         for name, ok, allowed in checks:

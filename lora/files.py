@@ -1,4 +1,9 @@
-"""Atomic files and directories, and tensor hashes: what is written is either complete or absent."""
+"""Atomic files and directories, and hashes: what is written is either complete or absent.
+
+A write goes to a temporary beside its place (``.<name>.<pid>.<random>.tmp``), is synced, and is renamed into
+place; what a killed writer left is removed by the next write to the same place. Directories are swapped in
+with two renames, the previous one kept at :func:`previous_version` in between and put back if a writer died there.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -13,83 +18,98 @@ import torch
 
 
 def previous_version(path: Path) -> Path:
-    """Where :func:`atomic_dir` keeps the previous directory while it swaps in the new one."""
+    """Where a directory swap keeps the previous directory while it renames the new one in."""
     return path.with_name(f".{path.name}.old")
 
 
-def _writer_alive(tmp: Path) -> bool:
-    pid = tmp.name.split(".")[-3]  # .<name>.<pid>.<random>.tmp
-    if not pid.isdigit():
-        return False
+def process_alive(pid: int) -> bool:
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # alive, but another user's
         return True
     return True
 
 
 def clean_stale_temporaries(path: Path) -> None:
-    """Remove what killed writers left beside ``path`` (``.<name>.<pid>.*.tmp`` of processes that are gone)."""
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        if not _writer_alive(tmp):
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-
-
-@contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; on success it replaces ``path`` as a whole.
-
-    The swap is two renames. If a writer dies between them, ``path`` is missing and the previous directory
-    waits in :func:`previous_version`; the next write puts it back first, so a complete directory is never lost.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Remove what killed writers left beside ``path`` (``.<name>.<pid>.*.tmp`` of processes that are gone), and put
+    back a previous directory a swap left waiting."""
     old = previous_version(path)
     if old.is_dir() and not path.exists():
         os.replace(old, path)
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name.split(".")[-3]
+        if not (pid.isdigit() and process_alive(int(pid))):
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
+def temporary_beside(path: Path, directory: bool = False) -> Path:
+    """A new empty temporary file (or directory) beside ``path``, for :func:`move_into_place`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(path)
-    tmp_dir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"))
-    try:
-        yield tmp_dir
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp_dir, 0o777 & ~mask)  # mkdtemp makes 0700 directories; outputs get the usual modes
-        for child in tmp_dir.rglob("*"):
-            os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~mask)
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp_dir, path)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    prefix, suffix = f".{path.name}.{os.getpid()}.", ".tmp"
+    if directory:
+        return Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=suffix))
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
+    os.close(fd)
+    return Path(name)
+
+
+def sync(tmp: Path) -> None:
+    """Flush a temporary (every file of a directory) to disk and give it the modes a plain write would have:
+    mkstemp and mkdtemp make them private. A full disk shows here, before anything is renamed."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for item in [tmp, *sorted(tmp.rglob("*"))] if tmp.is_dir() else [tmp]:
+        if item.is_file():
+            with item.open("rb") as f:
+                os.fsync(f.fileno())
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
+def move_into_place(tmp: Path, path: Path) -> None:
+    """Rename a synced temporary onto ``path``: one rename for a file, a swap through previous_version for a directory."""
+    if not tmp.is_dir():
+        os.replace(tmp, path)
+        return
+    old = previous_version(path)
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def discard(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 @contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a temporary file beside ``path``; on success it replaces ``path`` (one rename), else it is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+def _atomic(path: str | os.PathLike, directory: bool) -> Iterator[Path]:
+    path = Path(path)
+    tmp = temporary_beside(path, directory)
     try:
         yield tmp
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600 files; outputs get the usual mode
-        os.replace(tmp, path)
+        sync(tmp)
+        move_into_place(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
 
 
-def file_sha256(path: Path) -> str:
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file beside ``path``; on success it replaces ``path`` (one rename), else it is removed."""
+    return _atomic(path, directory=False)
+
+
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; on success it replaces ``path`` as a whole, else it is removed."""
+    return _atomic(path, directory=True)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -105,6 +125,8 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the floating-point tensors holding NaN or infinity."""
-    return [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+def non_finite(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> list[str]:
+    """Names of the floating-point tensors holding NaN or infinity, in ``dtype`` when given: a float64 1e300 is
+    finite, and infinite once cast to the float32 of the model it is loaded into."""
+    return [name for name, t in tensors.items()
+            if t.is_floating_point() and not torch.isfinite(t if dtype is None else t.to(dtype)).all()]

@@ -12,10 +12,16 @@ import math
 import torch
 from torch import nn
 
-from .config import LoRAConfig, LoRAConfigError, _is_number
+from .config import LoRAConfig, LoRAConfigError, is_finite_number
 
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the adapters of a base layer of ``base_dtype``: as PEFT's autocast_adapter_dtype, a float16 or
+    bfloat16 base gets float32 adapters, which keep small updates."""
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
 
 
 class LoRAMergeError(RuntimeError):
@@ -74,9 +80,7 @@ class LoRALinear(nn.Module):
         that already has adapters the active one stays, as in PEFT."""
         self.check_adapter(name, config)
         weight, r = self.base_layer.weight, config.rank_for(self.module_name)
-        # as PEFT's autocast_adapter_dtype: a float16 or bfloat16 base gets float32 adapters, which keep small updates
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        factory = {"device": weight.device, "dtype": dtype}
+        factory = {"device": weight.device, "dtype": adapter_dtype(weight.dtype)}
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **factory)
         self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -123,7 +127,7 @@ class LoRALinear(nn.Module):
         the layer's dtype (1e39 is infinite in float32)."""
         largest = torch.finfo(self.base_layer.weight.dtype).max
         allowed = f"a number >= 0 whose product with the adapter's scaling is at most {largest:.3g} ({self.base_layer.weight.dtype})"
-        if not _is_number(value) or value < 0 \
+        if not is_finite_number(value) or value < 0 \
                 or any(value * scaling > largest for scaling in self.scaling.values()):
             raise ValueError(f"inference scale={value!r} is invalid: {allowed} is allowed")
 

@@ -59,7 +59,7 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = DEFAULT_ADA
     ``set_adapter``, on every layer. A name the model has already is refused, as in PEFT.
     """
     names, existing, modules = target_names(model, config), lora_layers(model), dict(model.named_modules())
-    if adapter_name in _adapter_names(model):
+    if adapter_name in adapters_of(model):
         raise ValueError(f"adapter {adapter_name!r} already exists in the model: another name is allowed "
                          "(or delete_adapter first)")
     for target in names:
@@ -122,7 +122,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) ->
     return state
 
 
-def _adapter_names(model: nn.Module) -> set[str]:
+def adapters_of(model: nn.Module) -> set[str]:
+    """The names of every adapter on any of the model's LoRA layers."""
     return {name for layer in lora_layers(model).values() for name in layer.lora_A}
 
 
@@ -130,8 +131,8 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
     """Make ``adapter_name`` the active adapter of every LoRA layer, as PEFT does: a layer without it then
     computes its base layer alone. The base weights are not touched."""
     layers = list(lora_layers(model).values())
-    if adapter_name not in _adapter_names(model):
-        raise KeyError(f"the model has no adapter named {adapter_name!r}; present: {sorted(_adapter_names(model))}")
+    if adapter_name not in adapters_of(model):
+        raise KeyError(f"the model has no adapter named {adapter_name!r}; present: {sorted(adapters_of(model))}")
     merged = sorted({layer.merged_adapter for layer in layers if layer.merged} - {adapter_name})
     if merged:
         raise LoRAMergeError(f"adapter {merged[0]!r} is merged: unmerge it before switching to {adapter_name!r}")
@@ -143,8 +144,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove ``adapter_name`` from every layer. Where it was active, the first remaining adapter by name
     becomes active, layer by layer, as in PEFT. A merged adapter must be unmerged first."""
     layers = list(lora_layers(model).values())
-    if adapter_name not in _adapter_names(model):
-        raise KeyError(f"the model has no adapter named {adapter_name!r}; present: {sorted(_adapter_names(model))}")
+    if adapter_name not in adapters_of(model):
+        raise KeyError(f"the model has no adapter named {adapter_name!r}; present: {sorted(adapters_of(model))}")
     if any(layer.merged_adapter == adapter_name for layer in layers):
         raise LoRAMergeError(f"adapter {adapter_name!r} is merged: unmerge it before deleting it")
     for layer in layers:
@@ -168,7 +169,7 @@ def merge(model: nn.Module, adapter_name: str | None = None) -> None:
     name = adapter_name or active_adapter(model)
     layers = [layer for layer in lora_layers(model).values() if name in layer.lora_A]
     if not layers:
-        raise LoRAMergeError(f"no adapter {name!r} to merge; present: {sorted(_adapter_names(model))}")
+        raise LoRAMergeError(f"no adapter {name!r} to merge; present: {sorted(adapters_of(model))}")
     planned = [(layer, layer.merged_weight(name)) for layer in layers]
     for layer, weight in planned:
         layer.write_merged(weight, name)
@@ -207,9 +208,9 @@ def adapter_per_row(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.M
     layers = list(lora_layers(model).values())
     if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
         raise TypeError(f"adapter_names={adapter_names!r} is invalid: a list of adapter names (or {BASE!r}) is allowed")
-    unknown = sorted(set(adapter_names) - _adapter_names(model) - {BASE})
+    unknown = sorted(set(adapter_names) - adapters_of(model) - {BASE})
     if unknown:
-        raise KeyError(f"the model has no adapter named {unknown}; present: {sorted(_adapter_names(model))} (or {BASE!r})")
+        raise KeyError(f"the model has no adapter named {unknown}; present: {sorted(adapters_of(model))} (or {BASE!r})")
     if model.training:
         raise RuntimeError("a batch with an adapter per row is for inference: call model.eval() first")
     if any(layer.merged for layer in layers):
@@ -230,10 +231,10 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
     :func:`merge` stays merged (by default the active one is added to it, as in PEFT). All or nothing: every
     layer's weight is computed and checked before any is written."""
     if adapter_names is not None:
-        unknown = sorted(set(adapter_names) - _adapter_names(model))
+        unknown = sorted(set(adapter_names) - adapters_of(model))
         if unknown or not adapter_names:
             raise KeyError(f"the model has no adapter named {unknown or adapter_names}; "
-                           f"present: {sorted(_adapter_names(model))}")
+                           f"present: {sorted(adapters_of(model))}")
     planned = []
     with torch.no_grad():
         for module_name, layer in lora_layers(model).items():

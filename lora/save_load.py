@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoRAConfig, LoRAConfigError
-from .files import atomic_file, file_sha256, non_finite, tensors_sha256
-from .layer import LoRALinear, LoRAMergeError
+from .files import discard, file_sha256, move_into_place, non_finite, sync, temporary_beside, tensors_sha256
+from .layer import LoRALinear, LoRAMergeError, adapter_dtype
 from .model import DEFAULT_ADAPTER, adapter_state_dict, base_state_dict, inject, lora_layers, target_names
 
 CONFIG_NAME = "adapter_config.json"
@@ -46,8 +45,8 @@ def save_adapter(
     info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write one adapter's three files into ``directory`` (created if need be; other files in it are left alone,
-    as PEFT's ``save_pretrained``). Each file is replaced by one rename, the provenance last: it records the
-    weights file's sha256, so a save cut off between renames is refused on load. Refused while an adapter is
+    as PEFT's ``save_pretrained``). Each file is replaced by one rename, the provenance first: it records the
+    weights file's sha256 and the config, so a save cut off between renames is refused on load. Refused while an adapter is
     merged: the base weights are then W + ΔW, and not the base the record must name. Returns the provenance."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
@@ -63,14 +62,23 @@ def save_adapter(
     bad = non_finite(tensors)
     if bad:
         raise ValueError(f"adapter {adapter_name!r} has non-finite values in {bad}; nothing was saved")
-    with ExitStack() as renames:  # entered last to first: renamed weights, config, then provenance
-        provenance_tmp, config_tmp, weights_tmp = (renames.enter_context(atomic_file(directory / name))
-                                                   for name in (PROVENANCE_NAME, CONFIG_NAME, WEIGHTS_NAME))
-        save_file(tensors, weights_tmp)
-        config_tmp.write_text(json.dumps(_peft_config(config), indent=2) + "\n")
+    # The provenance is renamed in first: it names the new weights' sha256 and the new config, so a save cut off
+    # after it leaves files that disagree with it and are refused on load, even over an adapter PEFT saved.
+    names = (PROVENANCE_NAME, WEIGHTS_NAME, CONFIG_NAME)
+    temporaries = {name: temporary_beside(directory / name) for name in names}
+    try:
+        save_file(tensors, temporaries[WEIGHTS_NAME])
+        temporaries[CONFIG_NAME].write_text(json.dumps(_peft_config(config), indent=2) + "\n")
         provenance = {"lora_config": config.to_dict(), "base_weights_sha256": base_weights_sha256(model),
-                      "weights_sha256": file_sha256(weights_tmp), **(info or {})}
-        provenance_tmp.write_text(json.dumps(provenance, indent=2) + "\n")
+                      "weights_sha256": file_sha256(temporaries[WEIGHTS_NAME]), **(info or {})}
+        temporaries[PROVENANCE_NAME].write_text(json.dumps(provenance, indent=2) + "\n")
+        for name in names:
+            sync(temporaries[name])
+        for name in names:
+            move_into_place(temporaries[name], directory / name)
+    finally:
+        for tmp in temporaries.values():
+            discard(tmp)
     return provenance
 
 
@@ -83,7 +91,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, to
             raise AdapterLoadError(f"{path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
         raw = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise AdapterLoadError(f"{config_path}: not valid JSON ({exc})") from None
     if not isinstance(raw, dict) or raw.get("peft_type", "LORA") != "LORA":
         raise AdapterLoadError(f"{config_path}: not a LoRA adapter config (peft_type must be LORA)")
@@ -126,6 +134,10 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, to
             mismatched.append("target_modules")
         if mismatched:
             raise AdapterLoadError(f"{directory / PROVENANCE_NAME}: disagrees with {CONFIG_NAME} on {mismatched}")
+    if integer := sorted(name for name, tensor in tensors.items() if not tensor.is_floating_point()):
+        dtype = tensors[integer[0]].dtype
+        raise AdapterLoadError(f"{weights_path}: {integer[0]} is {dtype}: LoRA weights are floating-point tensors "
+                               "(an integer or bool tensor is refused, not cast)")
     bad = non_finite(tensors)
     if bad:
         raise AdapterLoadError(f"{weights_path}: non-finite values in {bad}")
@@ -175,6 +187,14 @@ def load_adapter(
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:
             raise AdapterLoadError(f"{weights_path}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
+    for target in targets:  # in the dtype the layer holds them in: a float64 1e300 is infinite in float32
+        module = modules[target]
+        dtype = adapter_dtype((module.base_layer if isinstance(module, LoRALinear) else module).weight.dtype)
+        pair = {key: tensors[f"{target}.{key}.weight"] for key in ("lora_A", "lora_B")}
+        delta = config.scaling_for(target) * (pair["lora_B"].double() @ pair["lora_A"].double())
+        if bad := non_finite({**pair, "the scaled delta B·A": delta}, dtype):
+            raise AdapterLoadError(f"{weights_path}: {target}: {bad[0]} is not finite in {dtype} (the layer's dtype); "
+                                   "such an adapter is refused rather than overflowing at inference")
     inject(model, config, adapter_name)
     layers = lora_layers(model)
     with torch.no_grad():
@@ -190,7 +210,7 @@ def _read_provenance(path: Path) -> dict[str, Any]:
         return {}
     try:
         provenance = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise AdapterLoadError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(provenance, dict) or not isinstance(provenance.get("lora_config", {}), dict):
         raise AdapterLoadError(f"{path}: expected a JSON object with a 'lora_config' object")

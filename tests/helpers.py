@@ -195,6 +195,9 @@ def imported_modules(path: Path, module: str) -> set[str]:
                 base = ".".join(parts + ([node.module] if node.module else []))
             found.add(base)
             found |= {f"{base}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Attribute) and node.attr == "import_module" and path.name == "__init__.py":
+            # a lazy package (PEP 562) may load any of its modules on first use of a name
+            found |= {f"{package}.{sibling.stem}" for sibling in path.parent.glob("*.py") if sibling.stem != "__init__"}
     return found
 
 

@@ -193,3 +193,41 @@ def test_adapter_files_load_into_named_slots_and_switch_on_one_base(tmp_path):
         assert torch.equal(shared(x), logits)
     with disable_adapter(shared):
         assert torch.equal(shared(x), base_logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool])
+def test_an_integer_or_bool_adapter_tensor_is_refused_not_cast(tmp_path, dtype):
+    save_adapter(trained_model(), tmp_path / "adapter")
+    _rewrite(tmp_path, lambda t: t.update({k: v.to(dtype) for k, v in t.items() if k.endswith("linear2.lora_B.weight")}))
+    model = fresh_base()
+    with pytest.raises(AdapterLoadError, match=f"linear2.lora_B.weight is {dtype}: LoRA weights are floating-point"):
+        load_adapter(model, tmp_path / "adapter")
+    assert not lora_layers(model)
+
+
+def test_a_float64_value_that_overflows_the_float32_layer_is_refused(tmp_path):
+    save_adapter(trained_model(), tmp_path / "adapter")
+    key = "base_model.model.linear1.lora_B.weight"
+    _rewrite(tmp_path, lambda t: t.update({key: t[key].double().fill_(1e300)}))
+    model = fresh_base()
+    with pytest.raises(AdapterLoadError, match=r"linear1: lora_B is not finite in torch.float32"):
+        load_adapter(model, tmp_path / "adapter")
+    assert not lora_layers(model)
+
+
+def test_an_alpha_whose_scaled_delta_overflows_float32_is_refused(tmp_path):
+    save_adapter(trained_model(r=1, alpha=1e38), tmp_path / "adapter")
+    key = "base_model.model.linear1.lora_B.weight"
+    _rewrite(tmp_path, lambda t: t[key].fill_(1000.0))  # every value finite in float32; B·A·1e38 is not
+    model = fresh_base()
+    with pytest.raises(AdapterLoadError, match=r"the scaled delta B·A is not finite in torch.float32"):
+        load_adapter(model, tmp_path / "adapter")
+    assert not lora_layers(model)
+
+
+@pytest.mark.parametrize("name", [CONFIG_NAME, PROVENANCE_NAME])
+def test_a_deeply_nested_json_file_is_refused_in_one_error(tmp_path, name):
+    save_adapter(trained_model(), tmp_path / "adapter")
+    (tmp_path / "adapter" / name).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(AdapterLoadError, match="not valid JSON"):
+        load_adapter(fresh_base(), tmp_path / "adapter")

@@ -214,7 +214,7 @@ def test_an_adapter_too_large_for_the_base_is_refused_instead_of_scored(project,
     weights = project / "models" / "adapter" / "adapter_model.safetensors"
     tensors = load_file(weights)
     for name in tensors:
-        tensors[name] = tensors[name].sign() * 1e30  # finite, but the logits overflow
+        tensors[name] = tensors[name].sign() * 1e18  # finite, and so is B·A (1e36), but the logits overflow
     save_file(tensors, weights)
     provenance = json.loads((weights.parent / PROVENANCE_NAME).read_text())  # as if saved so
     (weights.parent / PROVENANCE_NAME).write_text(json.dumps({**provenance, "weights_sha256": file_sha256(weights)}))
