@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup repro experiments test test-fast bench bench-lora bench-compose bench-cuda clean
+.PHONY: setup repro experiments deps test test-fast bench bench-lora bench-compose bench-cuda clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ repro: $(STAMP)
 # The experiments of experiments/dvc.yaml (rank sweep, seeds, replay, full fine-tuning, an adapter per digit) and their report.
 experiments: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro experiments/dvc.yaml
+
+# Each stage's code deps in dvc.yaml and experiments/dvc.yaml, from the imports of its module (tools/code_deps.py).
+deps: $(STAMP)
+	$(BIN)/python -m tools.code_deps
 
 # Tests: the whole suite (what CI runs), or the fast tier: library, params, data reader and stage units (no DVC,
 # no Prefect server, no real MNIST).

@@ -14,17 +14,17 @@ from typing import Any
 
 from .config import INIT_METHODS, LoRAConfig, LoRAConfigError
 
-# public name -> the module of this package that defines it
+# public name -> the module of this package that defines it (a plain literal: tools/code_deps.py reads it)
 _MODULE_OF = {
-    **dict.fromkeys(["COMBINATION_TYPES", "add_weighted_adapter"], "combine"),
-    **dict.fromkeys(["BASE", "LoRALinear", "LoRAMergeError"], "layer"),
-    **dict.fromkeys([
-        "DEFAULT_ADAPTER", "active_adapter", "adapter_per_row", "adapter_state_dict", "adapters_of", "base_state_dict",
-        "delete_adapter", "disable_adapter", "inject", "lora_layers", "mark_only_lora_trainable", "merge",
-        "merge_and_unload", "set_adapter", "set_inference_scale", "trainable_parameters", "unload", "unmerge",
-    ], "model"),
-    **dict.fromkeys(["AdapterLoadError", "base_weights_sha256", "load_adapter", "read_adapter", "save_adapter"],
-                    "save_load"),
+    "COMBINATION_TYPES": "combine", "add_weighted_adapter": "combine",
+    "BASE": "layer", "LoRALinear": "layer", "LoRAMergeError": "layer",
+    "DEFAULT_ADAPTER": "model", "active_adapter": "model", "adapter_per_row": "model",
+    "adapter_state_dict": "model", "adapters_of": "model", "base_state_dict": "model", "delete_adapter": "model",
+    "disable_adapter": "model", "inject": "model", "lora_layers": "model", "mark_only_lora_trainable": "model",
+    "merge": "model", "merge_and_unload": "model", "set_adapter": "model", "set_inference_scale": "model",
+    "trainable_parameters": "model", "unload": "model", "unmerge": "model",
+    "AdapterLoadError": "save_load", "base_weights_sha256": "save_load", "load_adapter": "save_load",
+    "read_adapter": "save_load", "save_adapter": "save_load",
 }
 
 __all__ = sorted(["INIT_METHODS", "LoRAConfig", "LoRAConfigError", *_MODULE_OF])

@@ -13,8 +13,10 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # writing files needs no torch: the tensor helpers import it when called
+    import torch
 
 
 def previous_version(path: Path) -> Path:
@@ -117,6 +119,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """A hash of names, dtypes, shapes and raw bytes: equal hashes mean bit-identical tensors."""
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name].detach().to("cpu").contiguous()
@@ -128,5 +132,7 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 def non_finite(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> list[str]:
     """Names of the floating-point tensors holding NaN or infinity, in ``dtype`` when given: a float64 1e300 is
     finite, and infinite once cast to the float32 of the model it is loaded into."""
+    import torch
+
     return [name for name, t in tensors.items()
             if t.is_floating_point() and not torch.isfinite(t if dtype is None else t.to(dtype)).all()]

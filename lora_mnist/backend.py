@@ -24,8 +24,8 @@ from .fast.cpu_kernels import train_fused, trains_with_kernels
 from .fast.cuda_graphs import train_graphed
 from .fast.sparse import sparse_mlp_forward
 from .mlp import OversizedMLP
+from .params import BACKENDS
 
-BACKENDS = ("auto", "torch")
 
 
 def check_backend(name: Any) -> str:

@@ -1,8 +1,6 @@
 """Which images each training step sees: seeded batch orders and the fine-tuning selection."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -28,7 +26,3 @@ def finetune_selection(labels: torch.Tensor, digit: int, replay_fraction: float,
     count = min(round(len(target) * replay_fraction / (1 - replay_fraction)), len(others))
     drawn = others[torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))[:count]]
     return torch.cat([target, drawn]).sort().values
-
-
-def steps_for_epochs(num_samples: int, batch_size: int, epochs: int) -> int:
-    return math.ceil(num_samples / batch_size) * epochs

@@ -1,4 +1,5 @@
-"""MNIST as four IDX files: their checksums, a strict IDX reader, and normalised in-memory tensors."""
+"""MNIST in memory: a strict IDX reader, normalised tensors, and the split of the training images into the
+images a model trains on and the validation images every choice is made on (the test set is only scored)."""
 from __future__ import annotations
 
 import os
@@ -6,20 +7,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
-from .io import file_sha256
+from lora.files import file_sha256
 
-# sha256 of the original, uncompressed IDX files.
-MNIST_SHA256 = {
-    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-}
-SPLIT_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
+from .download import SPLIT_FILES
+from .errors import DataError
+
 # Normalisation constants of the seed notebook (MNIST's pixel mean and std after scaling to [0, 1]).
 MEAN, STD = 0.1307, 0.3081
 
@@ -78,3 +70,12 @@ def _product(shape: tuple[int, ...]) -> int:
     for dim in shape:
         total *= dim
     return total
+
+
+def validation_split(count: int, validation: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) indices of ``count`` training images: a seeded permutation's first ``validation`` are
+    held out, the rest train; both sorted, so every stage that asks gets the same two sets."""
+    if not 1 <= validation < count:
+        raise DataError(f"data.validation={validation} is invalid for {count} training images: 1..{count - 1} is allowed")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return order[validation:].sort().values, order[:validation].sort().values

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .backend import evaluation_forward
-from .mlp import NUM_CLASSES
+from .params import NUM_CLASSES
 
 
 @torch.inference_mode()
@@ -51,3 +51,8 @@ def digit_list(values: dict[str, int]) -> list[int]:
 def worst_digit(errors_per_digit: list[int]) -> int:
     """The digit with the most errors; ties go to the lower digit."""
     return max(range(len(errors_per_digit)), key=lambda d: (errors_per_digit[d], -d))
+
+
+def chosen_digit(forced: int | str, errors_per_digit: list[int]) -> int:
+    """The digit to fine-tune on: ``forced`` (params' `finetune.digit`) unless it is 'auto', else the worst digit."""
+    return worst_digit(errors_per_digit) if forced == "auto" else int(forced)

@@ -8,11 +8,8 @@ import torch
 from torch import nn
 
 from .errors import WeightsError
-from .io import load_tensors, save_tensors
-
-IMAGE_PIXELS = 28 * 28
-NUM_CLASSES = 10
-LAYERS = ("linear1", "linear2", "linear3")
+from .io import load_tensors
+from .params import IMAGE_PIXELS, NUM_CLASSES
 
 
 class OversizedMLP(nn.Module):
@@ -30,25 +27,10 @@ class OversizedMLP(nn.Module):
         return self.linear3(x)
 
 
-def layer_sides(hidden_1: int, hidden_2: int) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each linear layer, without building the model."""
-    return {"linear1": (IMAGE_PIXELS, hidden_1), "linear2": (hidden_1, hidden_2), "linear3": (hidden_2, NUM_CLASSES)}
-
-
-def save_mlp(model: OversizedMLP, path: str | os.PathLike) -> None:
-    save_tensors(path, model.state_dict())
-
-
 def load_mlp(path: str | os.PathLike, hidden_1: int, hidden_2: int, device: torch.device | str = "cpu") -> OversizedMLP:
     """The MLP whose weights are in ``path``, checked against the architecture given, in eval mode."""
     model = OversizedMLP(hidden_1, hidden_2)
-    try:
-        tensors = load_tensors(path)
-    except ValueError as exc:
-        raise WeightsError(str(exc)) from None
-    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise WeightsError(f"{path}: non-finite values in tensor {bad[0]}" + (f" and {len(bad) - 1} more" if bad[1:] else ""))
+    tensors = load_tensors(path, model.linear1.weight.dtype)
     try:
         model.load_state_dict(tensors)
     except RuntimeError as exc:  # load_state_dict's report of missing, unexpected or misshapen tensors

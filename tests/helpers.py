@@ -2,7 +2,6 @@
 tests, params for quick stage runs, and commands run in temporary repositories."""
 from __future__ import annotations
 
-import ast
 import getpass
 import json
 import os
@@ -20,8 +19,9 @@ import torch
 import yaml
 from torch import nn
 
-from lora_mnist.data import MNIST_SHA256, SPLIT_FILES
-from lora_mnist.io import file_sha256
+from lora.files import file_sha256
+from lora_mnist.download import MNIST_SHA256, SPLIT_FILES
+from tools.code_deps import imported_modules, project_modules, source_closure  # noqa: F401 (tests import them from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ("linear1", "linear2", "linear3")
@@ -45,7 +45,7 @@ def small_base(seed: int = 0) -> TinyMLP:
 
 
 def one_line_error(main, capsys) -> str:
-    """Run a stage's command-line entry point (``tasks.<stage>.main``) in this process, as `python -m` would;
+    """Run a stage's command-line entry point (``stages.<stage>.main``) in this process, as `python -m` would;
     it must exit with status 2 and one line on stderr, which is returned."""
     import pytest
 
@@ -68,13 +68,15 @@ def write_idx(path: Path, array: torch.Tensor) -> None:
 HARD_DIGIT, DRAWN_AS = 7, 1
 
 
-def synthetic_digits(count: int, seed: int, hard: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Learnable fake digits: each class lights its own block of pixels, plus noise."""
+def synthetic_digits(count: int, seed: int, hard: torch.Tensor | bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learnable fake digits: each class lights its own block of pixels, plus noise; where ``hard`` (all images, or a
+    mask) half of HARD_DIGIT's images are drawn as DRAWN_AS."""
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(count, dtype=torch.uint8) % 10
     images = torch.randint(0, 60, (count, 28, 28), generator=generator, dtype=torch.uint8)
+    hard_mask = torch.full((count,), bool(hard)) if isinstance(hard, bool) else hard
     for index, label in enumerate(labels.tolist()):
-        if hard and label == HARD_DIGIT and index % 20 < 10:
+        if hard_mask[index] and label == HARD_DIGIT and index % 20 < 10:
             label = DRAWN_AS
         row = (label // 5) * 14
         col = (label % 5) * 5
@@ -82,10 +84,18 @@ def synthetic_digits(count: int, seed: int, hard: bool = False) -> tuple[torch.T
     return images, labels
 
 
+SYNTHETIC_VALIDATION = 100  # of the 300 synthetic training images, held out as small_params says
+
+
 def write_synthetic_mnist(raw_dir: Path, train: int = 300, test: int = 200) -> dict[str, str]:
-    """The four IDX files with synthetic content; returns their sha256 like lora_mnist.data.MNIST_SHA256."""
-    for split, count, seed in (("train", train, 1), ("test", test, 2)):
-        images, labels = synthetic_digits(count, seed, hard=split == "test")
+    """The four IDX files with synthetic content; returns their sha256 like lora_mnist.download.MNIST_SHA256. The
+    hard digit is hard in the test set and in the validation images, never in the images models train on."""
+    from lora_mnist.data import validation_split
+
+    held_out = torch.zeros(train, dtype=torch.bool)
+    held_out[validation_split(train, min(SYNTHETIC_VALIDATION, train - 1), seed=0)[1]] = True
+    for split, count, seed, hard in (("train", train, 1, held_out), ("test", test, 2, True)):
+        images, labels = synthetic_digits(count, seed, hard=hard)
         image_name, label_name = SPLIT_FILES[split]
         write_idx(raw_dir / image_name, images)
         write_idx(raw_dir / label_name, labels)
@@ -99,6 +109,7 @@ def small_params() -> dict:
     params["pretrain"].update({"epochs": 2, "batch_size": 10, "max_steps": None})
     params["finetune"].update({"steps": 20})
     params["download"].update({"sources": ["local"], "source_dir": None})
+    params["data"].update({"validation": SYNTHETIC_VALIDATION, "split_seed": 0})
     params["device"] = "cpu"
     return params
 
@@ -168,72 +179,6 @@ def init_repo(repo: Path, message: str = "short schedule", dvc_cache: Path | Non
 def use_dvc_cache(repo: Path, dvc_cache: Path) -> None:
     """Point ``repo``'s DVC cache at ``dvc_cache`` in its git-ignored local config (`dvc cache dir --local`)."""
     (repo / ".dvc" / "config.local").write_text(f"[cache]\n    dir = {dvc_cache}\n")
-
-
-PACKAGES = ("lora", "lora_mnist", "tasks", "flows")
-
-
-def _module_file(name: str) -> Path | None:
-    path = ROOT / Path(*name.split("."))
-    if (path / "__init__.py").is_file():
-        return path / "__init__.py"
-    return path.with_suffix(".py") if path.with_suffix(".py").is_file() else None
-
-
-def imported_modules(path: Path, module: str) -> set[str]:
-    """Every module ``path`` (the source of ``module``) imports, at any depth of its code, relative imports resolved;
-    ``from a import b`` counts as ``a`` and as ``a.b`` (b may be a module)."""
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(parts + ([node.module] if node.module else []))
-            found.add(base)
-            found |= {f"{base}.{alias.name}" for alias in node.names}
-        elif isinstance(node, ast.Attribute) and node.attr == "import_module" and path.name == "__init__.py":
-            # a lazy package (PEP 562) may load any of its modules on first use of a name
-            found |= {f"{package}.{sibling.stem}" for sibling in path.parent.glob("*.py") if sibling.stem != "__init__"}
-    return found
-
-
-def source_closure(module: str) -> set[str]:
-    """The project files that running ``module`` reads as code: every project module it imports, directly or not
-    (packages' __init__ included), and the C sources those modules name beside themselves."""
-    files: set[Path] = set()
-    todo, seen = [module], set()
-    while todo:
-        name = todo.pop()
-        if name in seen or name.split(".")[0] not in PACKAGES:
-            continue
-        seen.add(name)
-        parts = name.split(".")
-        for depth in range(1, len(parts) + 1):
-            prefix = ".".join(parts[:depth])
-            path = _module_file(prefix)
-            if path is None or path in files:
-                continue
-            files.add(path)
-            todo += sorted(imported_modules(path, prefix))
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".c") \
-                        and "/" not in node.value and (path.parent / node.value).is_file():
-                    files.add(path.parent / node.value)
-    return {str(path.relative_to(ROOT)) for path in files}
-
-
-def project_modules() -> dict[str, Path]:
-    """Every module of the project's packages, by dotted name."""
-    modules = {}
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            parts = path.relative_to(ROOT).with_suffix("").parts
-            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    return modules
 
 
 def free_port() -> int:

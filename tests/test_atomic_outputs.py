@@ -14,14 +14,14 @@ import pytest
 import yaml
 
 from lora.files import atomic_dir
-from lora_mnist.io import atomic_path
+from lora.files import atomic_file as atomic_path
 from tests.helpers import ROOT
 
 KILL_MID_WRITE = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
     from lora.files import atomic_dir
-    from lora_mnist.io import atomic_path
+    from lora.files import atomic_file as atomic_path
     target, kind = Path(sys.argv[1]), sys.argv[2]
     context = atomic_path(target) if kind == "file" else atomic_dir(target)
     with context as tmp:
@@ -62,7 +62,7 @@ def test_pretrain_killed_at_random_moments_leaves_weights_absent_or_complete(pro
     params["pretrain"].update({"epochs": 1, "max_steps": 30})
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     env = {"PYTHONPATH": str(ROOT), "PATH": os.environ["PATH"]}
-    command = [sys.executable, "-m", "tasks.pretrain"]
+    command = [sys.executable, "-m", "stages.pretrain"]
 
     weights = project / "models" / "base.safetensors"
     subprocess.run(command, cwd=project, env=env, check=True, capture_output=True)  # warms the disk cache

@@ -15,7 +15,8 @@ from lora_mnist import backend
 from lora_mnist.errors import BackendError
 from lora_mnist.fast import adam, cpu_kernels, sparse
 from lora_mnist.metrics import predict
-from lora_mnist.mlp import LAYERS, OversizedMLP
+from lora_mnist.mlp import OversizedMLP
+from lora_mnist.params import LAYERS
 from lora_mnist.train import train
 from tests.helpers import ROOT, TinyMLP
 
@@ -37,7 +38,7 @@ def _imported_modules(tree: ast.AST) -> list[str]:
 
 def test_only_the_backend_module_imports_the_fast_paths() -> None:
     importers = set()
-    for package in ("lora", "lora_mnist", "tasks", "flows"):
+    for package in ("lora", "lora_mnist", "stages", "flows"):
         for path in sorted((ROOT / package).rglob("*.py")):
             if path.parent.name == "fast":
                 continue

@@ -12,7 +12,8 @@ from lora_mnist.backend import make_optimizer
 from lora_mnist.fast import cuda_graphs
 from lora_mnist.fast.cuda_graphs import graph_plan
 from lora_mnist.metrics import predict
-from lora_mnist.mlp import LAYERS, OversizedMLP
+from lora_mnist.mlp import OversizedMLP
+from lora_mnist.params import LAYERS
 from lora_mnist.train import train
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -15,7 +15,7 @@ import torch
 
 from lora_mnist.data import MEAN, STD, load_split, read_idx
 from lora_mnist.errors import DataError
-from tasks.download import DownloadError, fetch
+from lora_mnist.download import DownloadError, fetch
 from tests.helpers import ROOT, write_idx, write_synthetic_mnist
 
 
@@ -90,7 +90,7 @@ def test_download_never_keeps_a_file_that_fails_its_checksum(tmp_path):
 
 def test_download_with_no_working_source_lists_everything_tried(tmp_path, monkeypatch):
     monkeypatch.delenv("MNIST_SOURCE_DIR", raising=False)
-    monkeypatch.setattr("tasks.download.from_torchvision", lambda name, target: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr("lora_mnist.download.from_torchvision", lambda name, target: (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(DownloadError) as error:
         fetch(tmp_path / "raw", ["local", "torchvision"], None)
     message = str(error.value)
@@ -103,7 +103,7 @@ def test_download_with_no_working_source_lists_everything_tried(tmp_path, monkey
 STALLING_FETCH = """
 import json, sys, time
 from pathlib import Path
-import tasks.download as download
+import lora_mnist.download as download
 
 copy = download.from_local
 def stalling_copy(source_dir, name, target):

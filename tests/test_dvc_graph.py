@@ -1,5 +1,6 @@
-"""The packages' import graph runs one way (lora ← lora_mnist ← tasks ← flows), and DVC's graph follows it:
-each stage depends on exactly the files it imports, so a change re-runs only the stages it touched."""
+"""The packages' import graph runs one way (lora ← lora_mnist ← stages ← flows), and DVC's graph follows it:
+each stage depends on the files it imports (tools/code_deps.py writes them), so a change re-runs only the stages
+it touched, and every stage waits for check_params."""
 from __future__ import annotations
 
 import json
@@ -9,10 +10,11 @@ import sys
 import pytest
 import yaml
 
-from tasks.report import SECTIONS
-from tests.helpers import ROOT, imported_modules, project_modules, run_env, set_params, sh, source_closure
+from lora_mnist.report import SECTIONS
+from tests.helpers import ROOT, imported_modules, project_modules, run_env, set_params, sh
+from tools import code_deps
 
-LAYERS = ["lora", "lora_mnist", "tasks", "flows"]  # each may import only those before it
+LAYERS = ["lora", "lora_mnist", "stages", "flows"]  # each may import only those before it
 
 
 def _stages(dvc_file: str):
@@ -20,29 +22,36 @@ def _stages(dvc_file: str):
         yield name, stage
 
 
-def _code_deps(stage: dict) -> set[str]:
-    return {dep for dep in stage.get("deps", []) if dep.endswith((".py", ".c"))}
+def test_the_code_deps_of_every_stage_are_what_the_resolver_writes():
+    assert code_deps.main(["--check"]) == 0, "run `make deps`"
+
+
+def test_the_resolver_follows_lazy_imports_and_writes_a_wholly_used_directory_as_one_dep():
+    deps = code_deps.code_deps("stages.finetune")
+    assert "lora/save_load.py" in deps and "lora/combine.py" not in deps  # `from lora import save_adapter`, lazily
+    assert "lora_mnist/fast" in deps and "lora_mnist/fast/linear_adam.c" not in deps  # the C source, as a file of it
+    assert not {"lora/layer.py", "lora/model.py"} & set(code_deps.code_deps("stages.check_params"))
+    assert "stages/finetune.py" in deps and "stages/evaluate.py" not in deps  # a stage never imports another
+    assert "lora_mnist/report.py" not in deps
+
+
+def test_a_stage_whose_code_deps_are_out_of_date_is_named_and_rewritten(tmp_path):
+    stale = tmp_path / "dvc.yaml"
+    stale.write_text((ROOT / "dvc.yaml").read_text().replace("      - lora_mnist/stats.py\n", "", 1))
+    before, after, changed = code_deps.update(stale)  # the sources are the project's; only the file is a copy
+    assert changed == ["evaluate"] and "lora_mnist/stats.py" not in before
+    assert after == (ROOT / "dvc.yaml").read_text()
 
 
 @pytest.mark.parametrize("dvc_file", ["dvc.yaml", "experiments/dvc.yaml"])
-def test_every_stage_depends_on_exactly_the_project_files_it_imports(dvc_file):
+def test_every_stage_after_check_params_depends_on_its_verdict_and_runs_a_stage_module(dvc_file):
     checked = 0
     for name, stage in _stages(dvc_file):
-        module = stage["cmd"].split()[2]  # python -m tasks.<stage> ...
-        assert stage["cmd"].startswith(f"python -m {module}") and module.startswith("tasks."), name
-        assert _code_deps(stage) == source_closure(module), f"{dvc_file}:{name}"
-        checked += 1
+        assert code_deps.STAGE_MODULE.match(stage["cmd"]), name
+        if name != "check_params":
+            assert "params_checked.json" in stage["deps"], f"{dvc_file}:{name}"
+            checked += 1
     assert checked >= 5
-
-
-@pytest.mark.parametrize("dvc_file", ["dvc.yaml", "experiments/dvc.yaml"])
-def test_every_stage_depends_on_the_checked_file_of_each_param_it_declares(dvc_file):
-    from tasks.check_params import checked_path
-
-    for name, stage in _stages(dvc_file):
-        deps = set(stage.get("deps", []))
-        missing = {str(checked_path(key)) for key in stage.get("params", [])} - deps
-        assert not missing, f"{dvc_file}:{name} lacks {missing}"
 
 
 def test_import_lora_in_a_fresh_interpreter_loads_nothing_of_the_experiment():
@@ -50,7 +59,8 @@ def test_import_lora_in_a_fresh_interpreter_loads_nothing_of_the_experiment():
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                                        check=True).stdout.replace("'", '"'))
     assert "lora" in loaded
-    assert not {"lora_mnist", "tasks", "flows", "dvc", "dvclive", "prefect", "matplotlib", "yaml", "ruamel"} & set(loaded)
+    assert not {"lora_mnist", "stages", "flows", "dvc", "dvclive", "prefect", "matplotlib", "yaml", "ruamel"} & set(loaded)
+
 
 
 def test_the_library_imports_only_torch_safetensors_and_the_standard_library():
@@ -142,13 +152,13 @@ def test_a_change_reruns_only_the_stages_that_import_it_and_forced_reruns_change
     layer = pipeline_repo / "lora" / "layer.py"
     original = layer.read_text()
     layer.write_text(original.replace('"""LoRALinear:', '"""LoRALinear (a docstring edit):', 1))
-    assert changed_stages() == {"check_params", "finetune", "evaluate"}  # check_params validates lora with LoRAConfig
+    assert changed_stages() == {"finetune", "evaluate"}  # check_params validates lora with lora.config alone
     layer.write_text(original)
 
     mlp = pipeline_repo / "lora_mnist" / "mlp.py"
     original = mlp.read_text()
     mlp.write_text(original + "\n# an edit of the MLP's module\n")
-    assert changed_stages() == {"check_params", "pretrain", "analyze", "finetune", "evaluate"}
+    assert changed_stages() == {"pretrain", "analyze", "finetune", "evaluate"}
     mlp.write_text(original)
     assert changed_stages() == set()
 
@@ -169,10 +179,11 @@ def test_a_refused_param_through_dvc_exp_run_or_dvc_repro_leaves_every_output_by
     sh(pipeline_repo, "dvc", "repro")
     sh(pipeline_repo, "git", "add", "-A")
     sh(pipeline_repo, "git", "commit", "-qm", "tiny run")
-    outputs = ["data", "models", "metrics", "reports", "dvclive", "checked_params"]
+    outputs = ["data", "models", "metrics", "reports", "dvclive", "params_checked.json"]
 
     def snapshot() -> dict[str, bytes]:
-        return {str(path): path.read_bytes() for name in outputs for path in sorted((pipeline_repo / name).rglob("*")) if path.is_file()}
+        paths = [p for name in outputs for p in [pipeline_repo / name, *sorted((pipeline_repo / name).rglob("*"))]]
+        return {str(path): path.read_bytes() for path in paths if path.is_file()}
 
     before = snapshot()
     for bad in BAD_VALUES:

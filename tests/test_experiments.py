@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from lora_mnist.data import MNIST_SHA256
+from lora_mnist.download import MNIST_SHA256
 from lora_mnist.errors import DataError
-from lora_mnist.io import file_sha256
+from lora.files import file_sha256
 from lora_mnist.metrics import per_digit
 from lora_mnist.mlp import OversizedMLP
-from tasks import full_finetune, pretrain, report, trial
-from tasks.params import load_params
-from tasks.paths import BASE_WEIGHTS
+from lora_mnist import report
+from lora_mnist.params import load_params
+from lora_mnist.paths import BASE_WEIGHTS
+from stages import full_finetune, pretrain, trial
 from tests.helpers import HARD_DIGIT, run_env, sh
 
 
@@ -60,7 +61,7 @@ def test_trial_with_pretrain_trains_its_own_base_for_the_seed_it_is_given(projec
 )
 def test_trial_refuses_a_bad_override_or_name_in_one_line_and_writes_nothing(project, capsys, args, message):
     with pytest.raises(SystemExit) as exit_status:
-        trial.main(args)  # as `python -m tasks.trial` runs it
+        trial.main(args)  # as `python -m stages.trial` runs it
     assert exit_status.value.code == 2
     stderr = capsys.readouterr().err
     assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
@@ -95,7 +96,7 @@ def test_pareto_front_keeps_only_points_no_other_point_beats_on_both_axes():
 
 
 def trial_result(digit: int, base: list[int], on: list[int], **fields) -> dict:
-    """A result file shaped like tasks.trial's, with a straight-line scale curve from base to on."""
+    """A result file shaped like stages.trial's, with a straight-line scale curve from base to on."""
     curve = []
     for scale in (0.0, 0.5, 1.0):
         errors = [round(b + scale * (o - b)) for b, o in zip(base, on)]
@@ -151,7 +152,7 @@ def compose_result(base: list[int], combined: dict[str, list[int]]) -> dict:
 def test_report_builds_every_section_from_small_fixture_results(tmp_path, monkeypatch):
     write_fixture_results(tmp_path)
     monkeypatch.chdir(tmp_path)
-    summary = report.run()
+    summary = report.write_report()
 
     text = (tmp_path / "experiments/report.md").read_text()
     for heading in ("## Rank sweep", "## Variance over seeds", "## Forgetting and how to trade it",
@@ -191,7 +192,7 @@ def test_the_compose_section_says_yes_when_a_variant_beats_the_base_on_every_dig
     (tmp_path / "experiments/results").mkdir(parents=True)
     (tmp_path / "experiments/results/compose.json").write_text(json.dumps(result))
     monkeypatch.chdir(tmp_path)
-    report.run()
+    report.write_report()
     text = (tmp_path / "experiments/report.md").read_text()
     assert "**Yes.** 1 of the 2 combinations and routing rules have fewer test errors than the base on all ten digits; " \
            "the most accurate on the test set, svd, each 1/10, reaches 0.9600 against the base's 0.9500." in text
@@ -202,7 +203,7 @@ def test_report_names_the_experiments_without_results(tmp_path, monkeypatch):
     for path in (tmp_path / "experiments/results/seeds").iterdir():
         path.unlink()
     monkeypatch.chdir(tmp_path)
-    report.run()
+    report.write_report()
     text = (tmp_path / "experiments/report.md").read_text()
     assert "## Variance over seeds" not in text and "No results yet for: seeds." in text
 
@@ -213,7 +214,7 @@ def test_a_damaged_result_file_stops_the_report_in_one_line_before_writing(tmp_p
     (tmp_path / "experiments/results/seeds/seed-1.json").write_text(damage)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match=f"^experiments/results/seeds/seed-1.json: {problem}.*dvc repro experiments/dvc.yaml") as error:
-        report.run()
+        report.write_report()
     assert "\n" not in str(error.value)
     assert not (tmp_path / "experiments/report.md").exists()
 
@@ -234,14 +235,14 @@ def test_experiment_matrices_expand_to_every_grid_point_in_dvcs_dry_run(git_repo
     assert {name for name in stages if name.startswith("rank_sweep@")} == {
         f"rank_sweep@{r}-{a}" for r in (1, 2, 4, 8, 16) for a in (1, 4, 16)
     }
-    assert stages["rank_sweep@8-4"] == "python -m tasks.trial rank_sweep/r8-a4 lora.rank=8 lora.alpha=4"
-    assert stages["digit_adapters@7"] == "python -m tasks.trial digit_adapters/digit-7 finetune.digit=7"
-    assert stages["seeds@2"] == "python -m tasks.trial seeds/seed-2 --pretrain seed=2"
-    assert stages["replay_sweep@0.05"] == "python -m tasks.trial replay_sweep/replay-0.05 finetune.replay_fraction=0.05"
+    assert stages["rank_sweep@8-4"] == "python -m stages.trial rank_sweep/r8-a4 lora.rank=8 lora.alpha=4"
+    assert stages["digit_adapters@7"] == "python -m stages.trial digit_adapters/digit-7 finetune.digit=7"
+    assert stages["seeds@2"] == "python -m stages.trial seeds/seed-2 --pretrain seed=2"
+    assert stages["replay_sweep@0.05"] == "python -m stages.trial replay_sweep/replay-0.05 finetune.replay_fraction=0.05"
     assert sum(name.startswith("digit_adapters@") for name in stages) == 10
     assert sum(name.startswith("seeds@") for name in stages) == 5
     assert sum(name.startswith("replay_sweep@") for name in stages) == 6
-    assert stages["compose"] == "python -m tasks.compose"
+    assert stages["compose"] == "python -m stages.compose"
     assert "full_finetune" in stages and "'experiments/dvc.yaml:report'" in output
     # The root pipeline alone is what a plain `dvc repro` runs.
     assert "experiments/dvc.yaml" not in sh(git_repo, "dvc", "repro", "--dry")

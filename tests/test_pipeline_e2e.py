@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_mnist.data import MNIST_SHA256
+from lora_mnist.download import MNIST_SHA256
 from tests.helpers import ROOT, init_repo, run_env, sh
 
 pytestmark = pytest.mark.slow

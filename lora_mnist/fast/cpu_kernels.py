@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import BackendError
+from ..reproducible import cpu_flags
 from .adam import ADAM_BETAS, ADAM_EPS
 
 SOURCE = Path(__file__).with_name("linear_adam.c")
@@ -164,7 +165,4 @@ def _cache_dir() -> Path:
 
 def _cpu_flags() -> str:
     # -march=native code may not run on another CPU that shares this cache (a network home directory).
-    try:
-        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return platform.processor()
+    return " ".join(sorted(cpu_flags())) or platform.processor()

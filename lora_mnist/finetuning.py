@@ -1,0 +1,33 @@
+"""Fine-tuning: LoRA adapters added to the frozen base and trained on one digit's images (plus any replay)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lora import inject, mark_only_lora_trainable
+
+from .batches import finetune_selection
+from .params import Params
+from .train import train
+
+
+def training_set(params: Params, labels: torch.Tensor, digit: int) -> torch.Tensor:
+    """Indices of the fine-tuning images: the digit's, plus the replayed share of other digits."""
+    return finetune_selection(labels, digit, params.finetune.replay_fraction, params.seed)
+
+
+def add_adapter(params: Params, model: torch.nn.Module) -> None:
+    """Inject LoRA into ``model`` as params.yaml says (seeded init) and freeze everything else."""
+    torch.manual_seed(params.seed)  # A's random init
+    inject(model, params.lora)
+    mark_only_lora_trainable(model)
+
+
+def train_on_digit(params: Params, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, digit: int,
+                   optimizer: Any = None) -> torch.Tensor:
+    """Train ``model``'s trainable parameters on the fine-tuning set of ``digit``; returns per-step losses."""
+    cfg = params.finetune
+    selection = training_set(params, labels, digit)
+    return train(model, images[selection], labels[selection], steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                 seed=params.seed, backend=params.backend, optimizer=optimizer, desc=f"finetune digit {digit}")

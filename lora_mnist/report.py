@@ -1,0 +1,421 @@
+"""The experiments' report: experiments/results/**.json collected into experiments/report.md with PNG plots.
+
+Each experiment group of experiments/dvc.yaml has one section builder in SECTIONS (the one list of the
+groups): it turns the group's results into a :class:`Section` (Markdown lines, headline numbers for
+experiments/metrics.json, CSV tables for `dvc plots show`, figures), and :func:`run` writes them all. A
+group without results is named as not run instead of failing the report.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError
+from .io import csv_text, staged_outputs
+from .paths import EXPERIMENT_PLOTS, EXPERIMENT_REPORT, EXPERIMENT_RESULTS, EXPERIMENT_SUMMARY
+from .plotting import pyplot, save_figure
+
+
+@dataclass
+class Section:
+    lines: list[str]
+    summary: Any
+    tables: dict[str, list[list[Any]]] = field(default_factory=dict)  # experiments/plots/<name>.csv
+    figures: dict[str, Any] = field(default_factory=dict)  # experiments/plots/<name>.png
+
+
+def load_results(results: Path = EXPERIMENT_RESULTS) -> dict[str, list[dict[str, Any]]]:
+    """Every result file, grouped by its folder (rank_sweep, seeds, ...); full_finetune.json under 'full_finetune'."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    rebuild = "`dvc repro experiments/dvc.yaml` re-runs the stage that writes it"
+    for path in sorted(results.rglob("*.json")):
+        group = path.parent.name if path.parent != results else path.stem
+        try:
+            result = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: not valid JSON ({exc}); {rebuild}") from None
+        if not isinstance(result, dict) or not {"digit", "variants"} & result.keys():
+            raise DataError(f"{path}: not an experiment result (no 'digit' or 'variants'); {rebuild}")
+        groups.setdefault(group, []).append(result)
+    return groups
+
+
+def errors_of(errors_per_digit: dict[str, int], digit: int) -> int:
+    return errors_per_digit[str(digit)]
+
+
+def other_errors(errors_per_digit: dict[str, int], digit: int) -> int:
+    return sum(errors_per_digit.values()) - errors_per_digit[str(digit)]
+
+
+def digit_errors(run: dict[str, Any], key: str = "lora_on") -> int:
+    return errors_of(run[key]["errors_per_digit"], run["digit"])
+
+
+def pareto_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The points no other point beats on both fewer target-digit errors and higher accuracy, by errors."""
+    front = [
+        p for p in points
+        if not any(
+            q["digit_errors"] <= p["digit_errors"] and q["accuracy"] >= p["accuracy"]
+            and (q["digit_errors"], q["accuracy"]) != (p["digit_errors"], p["accuracy"])
+            for q in points
+        )
+    ]
+    unique = {(p["digit_errors"], p["accuracy"]): p for p in sorted(front, key=lambda p: (p["replay_fraction"], p["scale"]))}
+    return sorted(unique.values(), key=lambda p: p["digit_errors"])
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def frontier_points(replay_runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each replay fraction at each inference scale as (target-digit errors, accuracy)."""
+    return [
+        {
+            "replay_fraction": run["replay_fraction"],
+            "scale": point["scale"],
+            "digit_errors": errors_of(point["errors_per_digit"], run["digit"]),
+            "other_errors": other_errors(point["errors_per_digit"], run["digit"]),
+            "accuracy": point["accuracy"],
+        }
+        for run in sorted(replay_runs, key=lambda r: r["replay_fraction"])
+        for point in run["scale_curve"]
+    ]
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, int) or float(value).is_integer():
+        return str(int(value))
+    return f"{value:.4f}" if abs(value) < 1 else f"{value:.1f}"
+
+
+def _bytes(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count / 1024:.1f} KiB"
+
+
+def rank_sweep(runs: list[dict[str, Any]]) -> Section:
+    runs = sorted(runs, key=lambda r: (r["alpha"], r["rank"]))
+    alphas, ranks = sorted({r["alpha"] for r in runs}), sorted({r["rank"] for r in runs})
+    by_key = {(r["rank"], r["alpha"]): r for r in runs}
+    kinds = {"digit_errors": digit_errors, "accuracy": lambda r: r["lora_on"]["accuracy"]}
+    table = [["rank"] + [f"{kind}_alpha{_fmt(a)}" for kind in kinds for a in alphas]] + [
+        [rank] + [value(by_key[rank, a]) if (rank, a) in by_key else "" for value in kinds.values() for a in alphas]
+        for rank in ranks
+    ]
+
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(10, 3.6))
+    for alpha in alphas:
+        points = [r for r in runs if r["alpha"] == alpha]
+        left.plot([r["rank"] for r in points], [digit_errors(r) for r in points], marker="o", label=f"alpha {_fmt(alpha)}")
+        right.plot([r["rank"] for r in points], [r["lora_on"]["accuracy"] for r in points], marker="o", label=f"alpha {_fmt(alpha)}")
+    right.axhline(runs[0]["base"]["accuracy"], color="grey", linestyle=":", label="base model")
+    for ax, ylabel in ((left, "target-digit test errors"), (right, "overall test accuracy")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.set_xlabel("rank r")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+    fig.suptitle(f"Rank sweep: adapters trained on digit {runs[0]['digit']}, scored with LoRA on")
+    fig.tight_layout()
+
+    lines = [
+        "## Rank sweep",
+        "",
+        f"Digit {runs[0]['digit']}, {runs[0]['steps']} steps, scaling = alpha / r. Base model: "
+        f"{digit_errors(runs[0], 'base')} target-digit errors, accuracy {runs[0]['base']['accuracy']:.4f}.",
+        "",
+        "| rank | alpha | scaling | trainable parameters | adapter file | target errors | other digits' errors | accuracy |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *(f"| {r['rank']} | {_fmt(r['alpha'])} | {r['scaling']:g} | {r['trainable_parameters']:,} | "
+          f"{r['adapter_file_bytes'] / 1024:.1f} KiB | {digit_errors(r)} | "
+          f"{other_errors(r['lora_on']['errors_per_digit'], r['digit'])} | {r['lora_on']['accuracy']:.4f} |" for r in runs),
+        "",
+        "![rank sweep](plots/rank_sweep.png)",
+        "",
+    ]
+    summary = {f"r{r['rank']}-a{_fmt(r['alpha'])}": {"digit_errors": digit_errors(r), "accuracy": r["lora_on"]["accuracy"]}
+               for r in sorted(runs, key=lambda r: (r["rank"], r["alpha"]))}
+    return Section(lines, summary, {"rank_sweep": table}, {"rank_sweep": fig})
+
+
+# metrics key -> table heading
+SEED_COLUMNS = {
+    "base_accuracy": "base accuracy",
+    "lora_on_accuracy": "LoRA-on accuracy",
+    "target_errors_base": "target errors, base",
+    "target_errors_lora_on": "target errors, LoRA on",
+    "other_errors_added": "other digits' errors added",
+}
+
+
+def seeds(runs: list[dict[str, Any]]) -> Section:
+    runs = sorted(runs, key=lambda r: r["seed"])
+    columns = {
+        "base_accuracy": [r["base"]["accuracy"] for r in runs],
+        "lora_on_accuracy": [r["lora_on"]["accuracy"] for r in runs],
+        "target_errors_base": [digit_errors(r, "base") for r in runs],
+        "target_errors_lora_on": [digit_errors(r) for r in runs],
+        "other_errors_added": [
+            other_errors(r["lora_on"]["errors_per_digit"], r["digit"]) - other_errors(r["base"]["errors_per_digit"], r["digit"])
+            for r in runs
+        ],
+    }
+    stats = {key: mean_std([float(v) for v in values]) for key, values in columns.items()}
+    lines = [
+        "## Variance over seeds",
+        "",
+        f"The whole comparison (pretrain, worst digit, LoRA, evaluation) repeated with {len(runs)} seeds; "
+        "each seed picks its own worst digit. Standard deviations are sample standard deviations.",
+        "",
+        "| seed | digit | " + " | ".join(SEED_COLUMNS.values()) + " |",
+        "|---:|---:|" + "---:|" * len(columns),
+        *(f"| {run['seed']} | {run['digit']} | " + " | ".join(_fmt(values[i]) for values in columns.values()) + " |"
+          for i, run in enumerate(runs)),
+        "| **mean ± std** | | " + " | ".join(f"{_fmt(m)} ± {_fmt(s)}" for m, s in stats.values()) + " |",
+        "",
+    ]
+    table = [["seed", "base_accuracy", "lora_on_accuracy"]] + [[r["seed"], r["base"]["accuracy"], r["lora_on"]["accuracy"]] for r in runs]
+    summary = {key: {"mean": round(m, 4), "std": round(s, 4)} for key, (m, s) in stats.items()}
+    return Section(lines, summary, {"seeds": table})
+
+
+def replay_sweep(runs: list[dict[str, Any]]) -> Section:
+    """The forgetting frontier: each replay fraction at each inference scale, and the Pareto front."""
+    points = frontier_points(runs)
+    front = pareto_front(points)
+    table = [["replay_fraction", "scale", "digit_errors", "other_errors", "accuracy"]] + [
+        [p["replay_fraction"], p["scale"], p["digit_errors"], p["other_errors"], p["accuracy"]] for p in points
+    ]
+
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4.2))
+    for fraction in sorted({p["replay_fraction"] for p in points}):
+        curve = [p for p in points if p["replay_fraction"] == fraction]
+        for ax, key in ((left, "accuracy"), (right, "other_errors")):
+            ax.plot([p["digit_errors"] for p in curve], [p[key] for p in curve], marker=".", label=f"replay {fraction:g}")
+    left.plot([p["digit_errors"] for p in front], [p["accuracy"] for p in front], color="black", linewidth=3, alpha=0.3, label="frontier")
+    for ax, ylabel in ((left, "overall test accuracy"), (right, "other digits' test errors")):
+        ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlabel("target-digit test errors (symlog)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    fig.suptitle("Forgetting trade-off: each curve is a replay fraction at inference scales 0 (right end) to 1")
+    fig.tight_layout()
+
+    digit = runs[0]["digit"]
+    plain = next((r for r in runs if r["replay_fraction"] == 0), None)
+    lines = ["## Forgetting and how to trade it", ""]
+    if plain is not None:
+        before, after = (other_errors(plain[key]["errors_per_digit"], digit) for key in ("base", "lora_on"))
+        lines += [
+            f"Fine-tuned on digit {digit} alone, LoRA on adds {after - before} errors on the other nine digits "
+            f"({before} → {after}). Two levers: the adapter's scale at inference (no retraining) and replaying a share "
+            "of the other digits' images during fine-tuning. Each curve is one replay fraction from scale 0 (the base "
+            "model) to 1.",
+            "",
+        ]
+    lines += [
+        "![frontier](plots/frontier.png)",
+        "",
+        "Settings on the frontier (no other setting has both fewer target-digit errors and higher accuracy):",
+        "",
+        "| replay fraction | inference scale | target errors | other digits' errors | accuracy |",
+        "|---:|---:|---:|---:|---:|",
+        *(f"| {p['replay_fraction']:g} | {p['scale']:g} | {p['digit_errors']} | {p['other_errors']} | {p['accuracy']:.4f} |" for p in front),
+        "",
+    ]
+    summary = {
+        "frontier": {"points": len(front), "max_accuracy": max(p["accuracy"] for p in front)},
+        "points": {f"replay-{p['replay_fraction']:g}": {k: p[k] for k in ("digit_errors", "other_errors", "accuracy")}
+                   for p in points if p["scale"] == 1.0},
+    }
+    return Section(lines, summary, {"frontier": table}, {"frontier": fig})
+
+
+def full_finetune(runs: list[dict[str, Any]]) -> Section:
+    result = runs[0]
+    digit = result["digit"]
+    lines = [
+        "## LoRA against full fine-tuning",
+        "",
+        f"Same images (digit {digit}), {result['steps']} Adam steps, learning rate and seed. Base: "
+        f"{errors_of(result['base']['errors_per_digit'], digit)} target errors, accuracy {result['base']['accuracy']:.4f}. "
+        "Step times are the benchmark's (docs/performance.md), not a result of this run.",
+        "",
+        "| | trainable parameters | optimiser state | file | target errors | other digits' errors | accuracy |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, label in (("lora", "LoRA"), ("full", "full fine-tuning")):
+        row = result[name]
+        lines.append(
+            f"| {label} | {row['trainable_parameters']:,} | {_bytes(row['optimizer_state_bytes'])} | {_bytes(row['file_bytes'])} | "
+            f"{errors_of(row['errors_per_digit'], digit)} | {other_errors(row['errors_per_digit'], digit)} | {row['accuracy']:.4f} |"
+        )
+    summary = {name: {"digit_errors": errors_of(result[name]["errors_per_digit"], digit), "accuracy": result[name]["accuracy"]}
+               for name in ("lora", "full")}
+    return Section(lines + [""], summary)
+
+
+def digit_adapters(runs: list[dict[str, Any]]) -> Section:
+    runs = sorted(runs, key=lambda r: r["digit"])
+    digits = range(10)
+    changes = [[r["lora_on"]["errors_per_digit"][str(d)] - r["base"]["errors_per_digit"][str(d)] for d in digits] for r in runs]
+    table = [["adapter_digit"] + [f"change_digit_{d}" for d in digits]] + [[r["digit"], *row] for r, row in zip(runs, changes)]
+
+    from matplotlib.colors import SymLogNorm
+
+    fig, ax = pyplot().subplots(figsize=(6.5, 5.5))
+    limit = max(1, max(abs(v) for row in changes for v in row))
+    # Symmetric log colours: the fine-tuned digit's large drop would otherwise wash out the side effects.
+    image_data = ax.imshow(changes, cmap="RdBu_r", norm=SymLogNorm(linthresh=5, vmin=-limit, vmax=limit))
+    for i, row in enumerate(changes):
+        for j, value in enumerate(row):
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=7)
+    ax.set_xticks(list(digits))
+    ax.set_yticks(range(len(runs)), [str(r["digit"]) for r in runs])
+    ax.set_xlabel("test digit")
+    ax.set_ylabel("adapter trained on digit")
+    ax.set_title("Change in test errors with each adapter on")
+    fig.colorbar(image_data, ax=ax, shrink=0.8)
+    fig.tight_layout()
+
+    adapters = sum(r["adapter_file_bytes"] for r in runs)
+    copies = sum(r["base_file_bytes"] for r in runs)
+    lines = [
+        "## One adapter per digit",
+        "",
+        f"{len(runs)} adapters on the one frozen base, side by side in experiments/models/digit_adapters/: "
+        f"{_bytes(adapters)} in all, against {_bytes(copies)} for as many full copies of the weights. "
+        "Rows: the digit an adapter was trained on; columns: the change in test errors of each digit with it on "
+        "(negative is better).",
+        "",
+        "| adapter | " + " | ".join(str(d) for d in digits) + " | accuracy |",
+        "|---:|" + "---:|" * 11,
+        *(f"| {r['digit']} | " + " | ".join(f"**{v}**" if d == r["digit"] else str(v) for d, v in enumerate(row))
+          + f" | {r['lora_on']['accuracy']:.4f} |" for r, row in zip(runs, changes)),
+        "",
+        "![digit adapters](plots/digit_adapters.png)",
+        "",
+    ]
+    summary = {f"digit-{r['digit']}": {"digit_errors_change": digit_errors(r) - digit_errors(r, "base"), "accuracy": r["lora_on"]["accuracy"]}
+               for r in runs}
+    return Section(lines, summary, {"digit_adapters": table}, {"digit_adapters": fig})
+
+
+FAMILIES = ("control", "combination", "routing", "control: random adapters")
+
+
+def compose(runs: list[dict[str, Any]]) -> Section:
+    """Ten adapters on one base: every combination, routing rule and control, against the base per digit."""
+    result = runs[0]
+    base, variants = result["base"], result["variants"]
+    digits = [str(d) for d in range(10)]
+    ordered = sorted(variants, key=lambda v: (FAMILIES.index(v["family"]), v["digits_worse"], -v["accuracy"]))
+    real = [v for v in variants if v["family"] in ("combination", "routing")]
+    closest = min(real, key=lambda v: (v["digits_worse"], -v["accuracy"]))
+    winners = [v for v in real if v["digits_better"] == 10]
+    base_macs = next(v["multiply_adds_per_image"] for v in variants if v["family"] == "control" and v["stored_bytes"] == 0)
+    table = [["variant", "family", "accuracy", "digits_worse", *(f"errors_digit_{d}" for d in digits)]] + [
+        [v["name"], v["family"], v["accuracy"], v["digits_worse"], *(v["errors_per_digit"][d] for d in digits)] for v in ordered
+    ]
+
+    fig, ax = pyplot().subplots(figsize=(7.5, 4.5))
+    floor = base["accuracy"] - 0.03  # the region where a variant could beat the base; the rest is counted, not drawn
+    for family, marker in zip(FAMILIES, "o^sx"):
+        members = [v for v in variants if v["family"] == family and v["accuracy"] >= floor]
+        ax.scatter([v["accuracy"] for v in members], [v["digits_worse"] for v in members], marker=marker, label=family, alpha=0.8)
+    ax.axvline(base["accuracy"], color="black", linewidth=1, linestyle="--", label="base model's accuracy")
+    ax.set_xlim(floor, max(v["accuracy"] for v in variants) + 0.005)
+    ax.set_ylim(-0.5, 10.5)
+    ax.set_xlabel("test accuracy")
+    ax.set_ylabel("digits with more test errors than the base")
+    hidden = sum(v["accuracy"] < floor for v in variants)
+    ax.set_title(f"Ten digit adapters on one base ({hidden} variants below {floor:.2f} accuracy not drawn)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+
+    if winners:
+        answer = (f"**Yes.** {len(winners)} of the {len(real)} combinations and routing rules have fewer test errors than "
+                  f"the base on all ten digits; the most accurate on the test set, "
+                  f"{max(winners, key=lambda v: v['accuracy'])['name']}, reaches "
+                  f"{max(v['accuracy'] for v in winners):.4f} against the base's {base['accuracy']:.4f}.")
+    else:
+        answer = (f"**No.** None of the {len(real)} combinations and routing rules beats the base on every digit. "
+                  f"The closest on the test set (picked there after the fact, so an optimistic pick), "
+                  f"{closest['name']}, is worse on {closest['digits_worse']}, equal on "
+                  f"{10 - closest['digits_worse'] - closest['digits_better']} and better on {closest['digits_better']} "
+                  f"of the ten digits, at accuracy {closest['accuracy']:.4f} against the base's {base['accuracy']:.4f}.")
+    lines = [
+        "## Ten adapters, one base",
+        "",
+        "Can the frozen base plus the ten per-digit adapters beat the base on every digit? Each combination of "
+        "`lora.add_weighted_adapter` (PEFT's types) makes the ten one adapter at three weightings; each routing rule "
+        "picks an adapter per test image from the base model's own top predictions (`lora.adapter_per_row`, never the "
+        "label). Controls: the base, the best single adapter, the replay-0.5 adapter, and ten random adapters with the "
+        "real ones' per-layer norms, combined and routed the same ways. Weights and the best single adapter come "
+        f"from {result['selection']} (seen in training by the base and the adapters, so not held out); the test set is "
+        "only scored.",
+        "",
+        answer,
+        "",
+        "![compose](plots/compose.png)",
+        "",
+        "| variant | family | accuracy | digits worse | better | " + " | ".join(digits) + " | stored | multiply-adds × base |",
+        "|---|---|---:|---:|---:|" + "---:|" * 10 + "---:|---:|",
+        *(f"| {v['name']} | {v['family']} | {v['accuracy']:.4f} | {v['digits_worse']} | {v['digits_better']} | "
+          + " | ".join(str(v["errors_per_digit"][d]) for d in digits)
+          + f" | {_bytes(v['stored_bytes']) if v['stored_bytes'] else '–'} | {v['multiply_adds_per_image'] / base_macs:.2f} |"
+          for v in ordered),
+        "",
+        "Stored: the adapter weights a variant needs beside the base (routing keeps all ten). Multiply-adds: per image, "
+        "against the base model's one forward; measured forward times are in [docs/experiments.md](../docs/experiments.md).",
+        "",
+    ]
+    summary = {v["name"]: {"accuracy": v["accuracy"], "digits_worse": v["digits_worse"]} for v in ordered}
+    return Section(lines, summary, {"compose": table}, {"compose": fig})
+
+
+# The experiment groups, in report order: each is a stage of experiments/dvc.yaml (tests/test_dvc_graph.py).
+SECTIONS: dict[str, Callable[[list[dict[str, Any]]], Section]] = {
+    "rank_sweep": rank_sweep,
+    "seeds": seeds,
+    "replay_sweep": replay_sweep,
+    "full_finetune": full_finetune,
+    "digit_adapters": digit_adapters,
+    "compose": compose,
+}
+
+
+def write_report() -> dict[str, Any]:
+    """Build every section from the results there are and write the report, its plots and its summary, all at once."""
+    groups = load_results()
+    sections = {name: build(groups[name]) for name, build in SECTIONS.items() if name in groups}
+    missing = [name for name in SECTIONS if name not in groups]
+    lines = [
+        "# Experiments",
+        "",
+        "Generated by `dvc repro experiments/dvc.yaml` (stage `report`, lora_mnist/report.py) from the committed "
+        "results in experiments/results/; do not edit by hand.",
+        "",
+        *(line for section in sections.values() for line in section.lines),
+    ]
+    if missing:
+        lines += ["## Not run", "", "No results yet for: " + ", ".join(missing) + ".", ""]
+    summary = {name: section.summary for name, section in sections.items()}
+    with staged_outputs() as outputs:
+        plots = outputs.directory(EXPERIMENT_PLOTS)  # a DVC output of the stage, even when no section has a plot
+        for section in sections.values():
+            for name, rows in section.tables.items():
+                (plots / f"{name}.csv").write_text(csv_text(rows))
+            for name, fig in section.figures.items():
+                save_figure(fig, plots / f"{name}.png")
+        outputs.text(EXPERIMENT_REPORT, "\n".join(lines))
+        outputs.json(EXPERIMENT_SUMMARY, summary)
+    print(f"report: {EXPERIMENT_REPORT} with {len(sections)} of {len(SECTIONS)} sections")
+    return summary

@@ -1,0 +1,162 @@
+"""Experiment stage compose: can one base plus the ten per-digit adapters beat the base on every digit?
+
+    python -m stages.compose
+
+(a) Combination: the ten adapters of experiments/models/digit_adapters/ made into one by each of
+    COMBINATIONS, at each weighting (every adapter 1, every adapter 1/10, or by the base's errors per digit).
+(b) Routing: each image gets the adapter of the digit the base model predicts, or of the likelier of its
+    top two whose adapter is more confident.
+(c) Controls: the base; the best single adapter; ten random adapters with each adapter's per-layer norms,
+    combined and routed in every way above; the replay-0.5 adapter of the forgetting frontier.
+Weights and choices come from the validation images (held out of training); the test set is only scored. The
+frozen base is checked as the evaluate stage checks it. Writes experiments/results/compose.json.
+"""
+# ruff: noqa: E402  (the CPU pins go in before torch loads)
+from lora_mnist.reproducible import pin_cpu_arithmetic
+
+if __name__ == "__main__":
+    pin_cpu_arithmetic()
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora import add_weighted_adapter, base_weights_sha256, delete_adapter, load_adapter, save_adapter, set_adapter
+from lora.save_load import WEIGHTS_NAME
+from lora_mnist.compose import add_random_like, multiply_adds, predict_per_row, route_by_confidence, route_by_prediction
+from lora_mnist.integrity import check_integrity, require_finite
+from lora_mnist.io import write_json
+from lora_mnist.metrics import per_digit, predict, summarize
+from lora_mnist.artifacts import load_base_model, load_data
+from lora_mnist.cli import run_stage
+from lora_mnist.params import Params
+from lora_mnist.paths import EXPERIMENT_MODELS, EXPERIMENT_RESULTS
+from lora_mnist.train import resolve_device
+
+DIGITS = range(10)
+ADAPTERS = EXPERIMENT_MODELS / "digit_adapters"
+REPLAY_ADAPTER = EXPERIMENT_MODELS / "replay_sweep" / "replay-0.5" / "adapter"
+RESULT = EXPERIMENT_RESULTS / "compose.json"
+# combination type -> its options (PEFT's names); svd keeps PEFT's default rank, the adapters' own (1)
+COMBINATIONS: dict[str, dict[str, Any]] = {
+    "linear": {}, "cat": {}, "svd": {}, "ties": {"density": 0.5}, "dare_linear": {"density": 0.5, "seed": 0},
+}
+
+
+def weightings(selection_errors: list[int]) -> dict[str, list[float]]:
+    """The weights each combination is tried at; the last favours the digits the base gets wrong most."""
+    most = max(max(selection_errors), 1)
+    return {"each 1": [1.0] * 10, "each 1/10": [0.1] * 10,
+            "by base errors": [round(errors / most, 6) for errors in selection_errors]}
+
+
+class Scorer:
+    """Scores logits on the test set and on the selection images, against the base model."""
+
+    def __init__(self, base_test: dict[str, Any], test_labels: torch.Tensor, selection_labels: torch.Tensor) -> None:
+        self.base_test, self.test_labels, self.selection_labels = base_test, test_labels, selection_labels
+
+    def __call__(self, name: str, family: str, test_logits: torch.Tensor, selection_logits: torch.Tensor,
+                 stored_bytes: int, multiply_adds_per_image: int) -> dict[str, Any]:
+        test = summarize(self.test_labels, require_finite(test_logits, name))
+        base = self.base_test["errors_per_digit"]
+        return {
+            "name": name,
+            "family": family,
+            "accuracy": test["accuracy"],
+            "errors_per_digit": per_digit(test["errors_per_digit"]),
+            "digits_worse": sum(e > b for e, b in zip(test["errors_per_digit"], base)),
+            "digits_better": sum(e < b for e, b in zip(test["errors_per_digit"], base)),
+            "selection_accuracy": summarize(self.selection_labels, selection_logits)["accuracy"],
+            "stored_bytes": stored_bytes,
+            "multiply_adds_per_image": multiply_adds_per_image,
+        }
+
+
+def saved_bytes(model: torch.nn.Module, adapter: str) -> int:
+    """The size of ``adapter``'s weights file as save_adapter writes it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter(model, Path(tmp) / "adapter", adapter)
+        return (Path(tmp) / "adapter" / WEIGHTS_NAME).stat().st_size
+
+
+def run(params: Params) -> dict[str, Any]:
+    """Score every variant on the test set, check the frozen base, write experiments/results/compose.json."""
+    device, backend = resolve_device(params.device), params.backend
+    selection_images, selection_labels = load_data("compose", params, "validation", training=False)
+    test_images, test_labels = load_data("compose", params, "test", training=False)
+    model = load_base_model(params, device)
+    sha_before = base_weights_sha256(model)
+    base_test_logits, base_selection_logits = predict(model, test_images, backend), predict(model, selection_images, backend)
+    base_test = summarize(test_labels, base_test_logits)
+    score = Scorer(base_test, test_labels, selection_labels)
+
+    adapter_of_digit = {d: f"digit-{d}" for d in DIGITS}
+    for digit, name in adapter_of_digit.items():
+        load_adapter(model, ADAPTERS / f"digit-{digit}" / "adapter", name)
+    load_adapter(model, REPLAY_ADAPTER, "replay")
+    generator = torch.Generator().manual_seed(params.seed)
+    random_of_digit = {d: f"random-{d}" for d in DIGITS}
+    for digit in DIGITS:
+        add_random_like(model, adapter_of_digit[digit], random_of_digit[digit], generator)
+    file_bytes = {name: saved_bytes(model, name) for name in [*adapter_of_digit.values(), "replay"]}
+
+    def one_adapter(name: str, family: str, adapter: str, stored: int) -> dict[str, Any]:
+        set_adapter(model, adapter)
+        return score(name, family, predict(model, test_images, backend), predict(model, selection_images, backend),
+                     stored, multiply_adds(model, [adapter]))
+
+    base_macs = multiply_adds(model, [])
+    variants = [score("base model", "control", base_test_logits, base_selection_logits, 0, base_macs)]
+    singles = [one_adapter(f"adapter {d} alone", "single", adapter_of_digit[d], file_bytes[adapter_of_digit[d]])
+               for d in DIGITS]
+    best = max(singles, key=lambda v: v["selection_accuracy"])
+    variants.append({**best, "name": f"best single ({best['name']}, chosen on validation)", "family": "control"})
+    variants.append(one_adapter("replay-0.5 adapter", "control", "replay", file_bytes["replay"]))
+
+    selection_errors = summarize(selection_labels, base_selection_logits)["errors_per_digit"]
+    for pool, family in ((adapter_of_digit, "combination"), (random_of_digit, "control: random adapters")):
+        prefix = "" if pool is adapter_of_digit else "random "
+        for combination, options in COMBINATIONS.items():
+            for weighting, weights in weightings(selection_errors).items():
+                add_weighted_adapter(model, list(pool.values()), weights, "combined", combination, **options)
+                variants.append(one_adapter(f"{prefix}{combination}, {weighting}", family, "combined", saved_bytes(model, "combined")))
+                delete_adapter(model, "combined")
+        routed_bytes = sum(file_bytes[a] for a in adapter_of_digit.values())
+        family = "routing" if pool is adapter_of_digit else family
+        for name, rule in ((f"{prefix}route to the base's prediction", 0), (f"{prefix}route by confidence, top 2", 1)):
+            if rule == 0:
+                test = predict_per_row(model, test_images, route_by_prediction(base_test_logits, pool), backend)
+                selection = predict_per_row(model, selection_images, route_by_prediction(base_selection_logits, pool), backend)
+                macs = base_macs + multiply_adds(model, [pool[0]])  # the base's forward picks the adapter
+            else:
+                test = route_by_confidence(model, test_images, base_test_logits, pool, backend)
+                selection = route_by_confidence(model, selection_images, base_selection_logits, pool, backend)
+                macs = base_macs + 2 * multiply_adds(model, [pool[0]])
+            variants.append(score(name, family, test, selection, routed_bytes, macs))
+
+    check_integrity(model, test_images, base_test_logits, {"before composing": sha_before}, backend)
+    result = {
+        "name": "compose",
+        "adapters": [str(ADAPTERS / f"digit-{d}" / "adapter") for d in DIGITS],
+        "selection": f"the {len(selection_labels):,} validation images (held out of every training run)",
+        "base": {"accuracy": base_test["accuracy"], "errors_per_digit": per_digit(base_test["errors_per_digit"])},
+        "variants": variants,
+    }
+    write_json(RESULT, result)
+    closest = min((v for v in variants if v["family"] in ("combination", "routing")),
+                  key=lambda v: (v["digits_worse"], -v["accuracy"]))
+    print(f"compose: {len(variants)} variants; base accuracy {base_test['accuracy']:.4f}; closest to the base on every "
+          f"digit: {closest['name']} ({closest['digits_worse']} digits worse, accuracy {closest['accuracy']:.4f}); "
+          "integrity check passed")
+    return result
+
+
+def main() -> None:
+    run_stage(run)
+
+
+if __name__ == "__main__":
+    main()
