@@ -1,7 +1,3 @@
-"""Prefect flows around the DVC pipeline: every DVC stage is a Prefect task; training can go to a GPU pool."""
-import os
-from pathlib import Path
-
-# Prefect keeps its database and logs inside the project (git-ignored) unless told otherwise.
-os.environ.setdefault("PREFECT_HOME", str(Path(__file__).resolve().parents[1] / ".prefect"))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+"""flows: Prefect flows over DVC's own commands. pipeline (`dvc repro`, or `dvc exp run` with overrides), sweep
+(`dvc exp run --temp` per point on a task runner), experiments (`dvc repro experiments/dvc.yaml`) and gpu (the hand-off
+to a GPU work pool through git and a DVC remote)."""

@@ -1,0 +1,94 @@
+"""DVC and git as the flows call them: this environment's CLIs in a subprocess, a failure as one line."""
+from __future__ import annotations
+
+import graphlib
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from lora_mnist.errors import EXPECTED_ERRORS
+from lora_mnist.params import ParamsError
+
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # what DVC and git take as one experiment ref
+
+
+class CommandFailed(RuntimeError):
+    """A DVC or git command failed; the message carries its first error line."""
+
+
+def _run(program: list[str], args: tuple[str, ...], cwd: Path | None) -> str:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    result = subprocess.run([*program, *args], capture_output=True, text=True, env=env, cwd=cwd)
+    if result.returncode != 0:
+        lines = [line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip()]
+        errors = [line for line in lines if line.lower().startswith(("error:", "fatal:"))]
+        raise CommandFailed(f"{program[-1]} {' '.join(args)} failed: {(errors or lines or ['no output'])[0]}")
+    return result.stdout
+
+
+def dvc(*args: str, cwd: Path | None = None) -> str:
+    return _run([sys.executable, "-m", "dvc"], args, cwd)
+
+
+def git(*args: str, cwd: Path | None = None) -> str:
+    return _run(["git"], args, cwd)
+
+
+def stage_order(cwd: Path | None = None) -> list[str]:
+    """dvc.yaml's stages in an order DVC can run them, from `dvc dag --dot` (edges run upstream -> downstream)."""
+    dot = dvc("dag", "--dot", cwd=cwd)
+    graph: dict[str, set[str]] = {name: set() for name in re.findall(r'^"([^"]+)";$', dot, re.M)}
+    for upstream, downstream in re.findall(r'^"([^"]+)" -> "([^"]+)";$', dot, re.M):
+        graph[downstream].add(upstream)
+    order = graphlib.TopologicalSorter(graph).static_order()
+    return [name for name in order if ":" not in name]  # experiments/dvc.yaml's stages are named file:stage
+
+
+def set_params(overrides: dict[str, Any]) -> list[str]:
+    """``{"lora.rank": 4}`` as `dvc exp run` arguments, each value written as YAML reads it back."""
+    return [arg for key, value in overrides.items() for arg in ("-S", f"{key}={json.dumps(value)}")]
+
+
+def experiment_metrics(names: list[str], cwd: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Each experiment's metrics, by file, from `dvc exp show --json` (one call for all)."""
+    found = {}
+    for commit in json.loads(dvc("exp", "show", "--json", "--no-fetch", cwd=cwd) or "[]"):
+        for experiment in commit.get("experiments") or []:
+            for rev in experiment["revs"]:
+                if rev.get("name") in names:
+                    found[rev["name"]] = {path: value.get("data", {}) for path, value in (rev["data"].get("metrics") or {}).items()}
+    return found
+
+
+def check_name(name: Any) -> str:
+    """A name DVC takes for a new experiment of HEAD (DVC would refuse a taken one too, but only once it runs)."""
+    if not isinstance(name, str) or not EXPERIMENT_NAME.fullmatch(name) or name.endswith((".lock", ".")) or ".." in name:
+        raise ValueError(f"experiment name {name!r} is invalid: up to 100 letters, digits, '_', '.' and '-', starting "
+                         "with a letter or digit, are allowed")
+    head = git("rev-parse", "HEAD").strip()
+    if git("for-each-ref", "--format=%(refname)", f"refs/exps/{head[:2]}/{head[2:]}/{name}").strip():
+        raise ValueError(f"experiment name {name!r} is taken by an experiment of HEAD: choose another, or "
+                         f"`dvc exp remove {name}` first")
+    return name
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """For the flow commands: a known failure becomes one line on stderr and exit status 2."""
+    try:
+        yield
+    except (*EXPECTED_ERRORS, OSError, ParamsError, CommandFailed, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)  # Prefect has logged the traceback already
+        sys.exit(2)
+
+
+def use_project_prefect_home() -> None:
+    """Entry points only: Prefect keeps its database and logs inside the project (git-ignored) unless told otherwise."""
+    os.environ.setdefault("PREFECT_HOME", str(Path(__file__).resolve().parents[1] / ".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -1,0 +1,105 @@
+"""The hand-off to the `gpu` work pool, through git and a DVC remote alone, as DVC shares experiments:
+
+- here, run_on_gpu_pool starts the `lora-mnist-train/gpu` deployment with this commit (already on the shared git
+  remote, `origin`), the overrides and an experiment name;
+- there, train_on_gpu, in a fresh clone (prefect.yaml's pull steps): `dvc exp run --pull` runs the pipeline, taking
+  what the DVC remote already holds, then `dvc exp push origin NAME` sends the commit to git, the outputs to DVC;
+- here again: `dvc exp pull origin NAME`, every path and output of the experiment checked before the workspace is
+  touched, and, for a run without overrides, `dvc exp apply NAME`.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+from prefect import flow
+
+from flows.dvc import CommandFailed, check_name, dvc, experiment_metrics, git, set_params
+from lora_mnist.params import load_raw, with_overrides
+
+TRAIN_DEPLOYMENT = "lora-mnist-train/gpu"
+TRAINING_MODES = ("auto", "local", "gpu-pool")
+RETURNED = ("dvc.lock", "params.yaml", "params_checked.json", "metrics/", "reports/")  # what the GPU run may change
+
+
+class HandoffRefused(ValueError):
+    """What came back from the gpu pool is not what this commit's pipeline writes; nothing was changed here."""
+
+
+def gpu_pool_unavailable() -> str | None:
+    """Why a run cannot go to the gpu pool (no DVC remote, no shared git remote, no deployment), or None."""
+    from prefect.client.orchestration import get_client
+
+    for command, why in ((lambda: dvc("remote", "default"), "no default DVC remote"),
+                         (lambda: git("remote", "get-url", "origin"), "no shared git remote 'origin'")):
+        try:
+            command()
+        except CommandFailed:
+            return why
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(TRAIN_DEPLOYMENT)
+    except Exception as exc:  # no server, or no such deployment: both mean "not here"
+        return f"no deployment {TRAIN_DEPLOYMENT} ({type(exc).__name__})"
+    return None
+
+
+def run_on_gpu_pool(overrides: dict[str, Any], name: str, apply: bool) -> dict[str, Any]:
+    """Run the pipeline on the gpu pool as experiment ``name`` and take it back; returns its metrics."""
+    from prefect.deployments import run_deployment
+
+    if dirty := [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+                 if not line[3:].startswith(RETURNED)]:
+        raise ValueError(f"uncommitted code the gpu worker would not have: {dirty}; commit and push it first")
+    commit = git("rev-parse", "HEAD").strip()
+    run = run_deployment(TRAIN_DEPLOYMENT, parameters={"commit": commit, "overrides": overrides, "experiment_name": name},
+                         timeout=None)
+    if not run.state.is_completed():
+        raise CommandFailed(f"{TRAIN_DEPLOYMENT} run {run.name}: {run.state.name}: {run.state.message}")
+    dvc("exp", "pull", "origin", name)
+    check_experiment(name, commit)
+    if apply:
+        dvc("exp", "apply", name)
+    return experiment_metrics([name])[name]
+
+
+def check_experiment(name: str, commit: str) -> None:
+    """Refuse an experiment that changes a file the pipeline does not write, adds or retypes an output, or holds a
+    directory listing a path outside itself (absolute, '..', a NUL byte): all before anything is checked out."""
+    refs = [ref for ref in git("for-each-ref", "--format=%(refname)", "refs/exps/").split() if ref.endswith(f"/{name}")]
+    if len(refs) != 1:
+        raise HandoffRefused(f"experiment {name!r}: {len(refs)} experiment refs of that name, one is expected")
+    changed = git("diff", "--name-only", "-z", commit, refs[0]).split("\0")
+    if outside := [path for path in changed if path and not path.startswith(RETURNED)]:
+        raise HandoffRefused(f"experiment {name!r} changes {outside}: only {list(RETURNED)} come back")
+    declared = {out["path"]: out["md5"].endswith(".dir") for stage in yaml.safe_load(git("show", f"{commit}:dvc.lock"))["stages"].values()
+                for out in stage.get("outs", [])}
+    for stage, entry in yaml.safe_load(git("show", f"{refs[0]}:dvc.lock"))["stages"].items():
+        for out in entry.get("outs", []):
+            path, is_dir = out["path"], str(out.get("md5", "")).endswith(".dir")
+            if path not in declared or is_dir != declared[path]:
+                raise HandoffRefused(f"experiment {name!r}: {stage} returns {path!r} as a {'directory' if is_dir else 'file'}, "
+                                     "which this commit's pipeline does not write")
+            if is_dir:
+                listing = yaml.safe_load(dvc("ls", "--rev", refs[0], "--json", "-R", ".", path))
+                if bad := [e["path"] for e in listing if "\0" in e["path"] or e["path"].startswith("/") or ".." in re.split(r"[/\\]", e["path"])]:
+                    raise HandoffRefused(f"experiment {name!r}: {path} lists {bad[0]!r}, a path outside itself")
+
+
+@flow(name="lora-mnist-train", log_prints=True)
+def train_on_gpu(commit: str, overrides: dict[str, Any], experiment_name: str) -> dict[str, str]:
+    """In the gpu worker's fresh clone: the pipeline at ``commit`` with ``overrides`` as a DVC experiment, pushed."""
+    if not isinstance(commit, str) or not re.fullmatch(r"[0-9a-f]{40}", commit):
+        raise ValueError(f"commit={commit!r} is invalid: a full 40-character git commit hash is allowed")
+    check_name(experiment_name)
+    if git("rev-parse", "--is-shallow-repository").strip() == "true":  # Prefect's git_clone clones at depth 1
+        git("fetch", "-q", "--unshallow", "origin", "+refs/heads/*:refs/remotes/origin/*")
+    try:
+        git("checkout", "-q", "--detach", commit)
+    except CommandFailed:
+        raise ValueError(f"commit {commit} is not on the shared git remote: push it there first") from None
+    with_overrides(load_raw(), overrides)  # checked by the commit's own schema
+    print(dvc("exp", "run", "--pull", "dvc.yaml", "-n", experiment_name, *set_params(overrides)))
+    dvc("exp", "push", "origin", experiment_name)
+    return {"experiment": experiment_name, "commit": commit}
