@@ -1,6 +1,9 @@
 """Many adapters on one base: routing rules that pick an adapter per image from the base model's own
-predictions (never the label), and norm-matched random adapters as the control for any combination."""
+predictions (never the label), norm-matched random adapters and random routings as the controls, and a learned
+weighting of the adapters in the style of LoraHub (gradient-free, on held-out images)."""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -59,3 +62,22 @@ def multiply_adds(model: nn.Module, adapters: list[str]) -> int:
         total += sum(layer.lora_A[a].out_features * (layer.in_features + layer.out_features)
                      for a in adapters if a in layer.lora_A)
     return total
+
+
+def route_at_random(count: int, adapter_of_digit: dict[int, str], generator: torch.Generator) -> list[str]:
+    """The control of a routing rule: each image gets an adapter drawn uniformly, whatever the base predicts."""
+    digits = torch.randint(0, len(adapter_of_digit), (count,), generator=generator)
+    return [adapter_of_digit[int(d)] for d in digits]
+
+
+def search_weights(score: Callable[[list[float]], float], count: int, generator: torch.Generator,
+                   steps: int = 30, step_size: float = 0.2) -> tuple[list[float], float]:
+    """LoraHub's learned weighting, gradient-free: a (1+1) evolution strategy from equal weights 1/count, keeping a
+    Gaussian step of the weights only when ``score`` (accuracy on held-out images) does not drop."""
+    best = [1.0 / count] * count
+    best_score = score(best)
+    for _ in range(steps):
+        candidate = [round(w + step_size * float(torch.randn((), generator=generator)), 6) for w in best]
+        if (candidate_score := score(candidate)) >= best_score:
+            best, best_score = candidate, candidate_score
+    return best, best_score

@@ -18,6 +18,7 @@ from .errors import DataError
 from .io import csv_text, staged_outputs
 from .paths import EXPERIMENT_PLOTS, EXPERIMENT_REPORT, EXPERIMENT_RESULTS, EXPERIMENT_SUMMARY
 from .plotting import pyplot, save_figure
+from .stats import mean_interval
 
 
 @dataclass
@@ -68,11 +69,6 @@ def pareto_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
     unique = {(p["digit_errors"], p["accuracy"]): p for p in sorted(front, key=lambda p: (p["replay_fraction"], p["scale"]))}
     return sorted(unique.values(), key=lambda p: p["digit_errors"])
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def frontier_points(replay_runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -149,17 +145,18 @@ def rank_sweep(runs: list[dict[str, Any]]) -> Section:
 SEED_COLUMNS = {
     "base_accuracy": "base accuracy",
     "lora_on_accuracy": "LoRA-on accuracy",
+    "accuracy_change": "accuracy change",
     "target_errors_base": "target errors, base",
     "target_errors_lora_on": "target errors, LoRA on",
     "other_errors_added": "other digits' errors added",
 }
 
 
-def seeds(runs: list[dict[str, Any]]) -> Section:
-    runs = sorted(runs, key=lambda r: r["seed"])
-    columns = {
+def seed_columns(runs: list[dict[str, Any]]) -> dict[str, list[float]]:
+    return {
         "base_accuracy": [r["base"]["accuracy"] for r in runs],
         "lora_on_accuracy": [r["lora_on"]["accuracy"] for r in runs],
+        "accuracy_change": [round(r["lora_on"]["accuracy"] - r["base"]["accuracy"], 6) for r in runs],
         "target_errors_base": [digit_errors(r, "base") for r in runs],
         "target_errors_lora_on": [digit_errors(r) for r in runs],
         "other_errors_added": [
@@ -167,23 +164,60 @@ def seeds(runs: list[dict[str, Any]]) -> Section:
             for r in runs
         ],
     }
-    stats = {key: mean_std([float(v) for v in values]) for key, values in columns.items()}
+
+
+def sign_of(run: dict[str, Any], alpha: float = 0.05) -> str:
+    """What LoRA on does to overall test accuracy on this base, by McNemar's test on the same images at ``alpha``."""
+    test = run["mcnemar_on_vs_off"]
+    if test["p_value"] >= alpha:
+        return "no significant change"
+    return "helps" if test["only_on_right"] > test["only_off_right"] else "hurts"
+
+
+def seed_rows(runs: list[dict[str, Any]], columns: dict[str, list[float]]) -> list[str]:
+    return [f"| {run['seed']} | {run['pretrain_epochs']} | {run['digit']} | " + " | ".join(_fmt(values[i]) for values in columns.values())
+            + f" | {run['mcnemar_on_vs_off']['p_value']:.3g} | {sign_of(run)} |" for i, run in enumerate(runs)]
+
+
+SEED_HEADER = ["| seed | epochs | digit | " + " | ".join(SEED_COLUMNS.values()) + " | McNemar p | overall |",
+               "|---:|---:|---:|" + "---:|" * len(SEED_COLUMNS) + "---:|---|"]
+
+
+def seeds(runs: list[dict[str, Any]]) -> Section:
+    runs = sorted(runs, key=lambda r: r["seed"])
+    columns = seed_columns(runs)
+    stats = {key: mean_interval([float(v) for v in values]) for key, values in columns.items()} if len(runs) > 1 else {}
+    signs = [sign_of(r) for r in runs]
     lines = [
-        "## Variance over seeds",
+        "## The headline over seeds",
         "",
-        f"The whole comparison (pretrain, worst digit, LoRA, evaluation) repeated with {len(runs)} seeds; "
-        "each seed picks its own worst digit. Standard deviations are sample standard deviations.",
+        f"The whole comparison (pretrain, worst digit on validation, LoRA, test) repeated with {len(runs)} seeds; each "
+        "base picks its own worst digit. The interval is the 95% t interval of the mean over seeds; McNemar's exact "
+        "test compares LoRA on against off on the same 10,000 test images (overall: its verdict at p < 0.05). "
+        f"LoRA on {'; '.join(f'{verdict} on {signs.count(verdict)}' for verdict in sorted(set(signs)))} of the {len(runs)} bases.",
         "",
-        "| seed | digit | " + " | ".join(SEED_COLUMNS.values()) + " |",
-        "|---:|---:|" + "---:|" * len(columns),
-        *(f"| {run['seed']} | {run['digit']} | " + " | ".join(_fmt(values[i]) for values in columns.values()) + " |"
-          for i, run in enumerate(runs)),
-        "| **mean ± std** | | " + " | ".join(f"{_fmt(m)} ± {_fmt(s)}" for m, s in stats.values()) + " |",
+        *SEED_HEADER,
+        *seed_rows(runs, columns),
+        *(["| **mean (95% interval)** | | | " + " | ".join(
+            f"{_fmt(st['mean'])} ({_fmt(st['ci95_low'])} to {_fmt(st['ci95_high'])})" for st in stats.values()) + " | | |"] if stats else []),
         "",
     ]
     table = [["seed", "base_accuracy", "lora_on_accuracy"]] + [[r["seed"], r["base"]["accuracy"], r["lora_on"]["accuracy"]] for r in runs]
-    summary = {key: {"mean": round(m, 4), "std": round(s, 4)} for key, (m, s) in stats.items()}
+    summary = {"bases": len(runs), "overall": {verdict: signs.count(verdict) for verdict in sorted(set(signs))},
+               **{key: {k: round(v, 4) for k, v in st.items() if k != "n"} for key, st in stats.items()}}
     return Section(lines, summary, {"seeds": table})
+
+
+def long_base(runs: list[dict[str, Any]]) -> Section:
+    """Bases trained longer than params.yaml says, each with its own adapter: does the sign of LoRA's effect hold?"""
+    runs = sorted(runs, key=lambda r: (r["pretrain_epochs"], r["seed"]))
+    lines = ["## A longer-trained base", "",
+             "The same comparison on a base pretrained for more epochs (seed as given): a stronger base, the same "
+             "fine-tuning.", "", *SEED_HEADER, *seed_rows(runs, seed_columns(runs)), ""]
+    summary = [{"seed": r["seed"], "epochs": r["pretrain_epochs"], "base_accuracy": r["base"]["accuracy"],
+                "lora_on_accuracy": r["lora_on"]["accuracy"], "mcnemar_p": r["mcnemar_on_vs_off"]["p_value"],
+                "overall": sign_of(r)} for r in runs]
+    return Section(lines, summary)
 
 
 def replay_sweep(runs: list[dict[str, Any]]) -> Section:
@@ -223,7 +257,9 @@ def replay_sweep(runs: list[dict[str, Any]]) -> Section:
     lines += [
         "![frontier](plots/frontier.png)",
         "",
-        "Settings on the frontier (no other setting has both fewer target-digit errors and higher accuracy):",
+        "Settings on the Pareto front of the test-set points (descriptive: no setting is chosen from it). A setting is "
+        "on it unless another has at most as many target-digit errors and at least its accuracy, and differs in one of "
+        "the two; of settings with the same pair, the one with the lowest replay fraction, then scale, is listed:",
         "",
         "| replay fraction | inference scale | target errors | other digits' errors | accuracy |",
         "|---:|---:|---:|---:|---:|",
@@ -311,6 +347,23 @@ def digit_adapters(runs: list[dict[str, Any]]) -> Section:
 FAMILIES = ("control", "combination", "routing", "control: random adapters")
 
 
+def control_lines(controls: dict[str, Any] | None) -> list[str]:
+    """Where the real routing and the learned weighting fall among the random draws, on test accuracy."""
+    if not controls:
+        return []
+    routings, weightings = controls["random_routing_accuracy"], controls["random_weights_accuracy"]
+    return [
+        f"Controls that can win: {controls['draws']} random routings (each image to a uniformly drawn adapter) reach test "
+        f"accuracy {min(routings):.4f} to {max(routings):.4f}; routing to the base's prediction ({controls['routing_accuracy']:.4f}) "
+        f"is at the {controls['routing_percentile']:.0f}th percentile of them. {controls['draws']} random weightings of the ten "
+        f"adapters (a linear combination, weights uniform in [0, 1)) reach {min(weightings):.4f} to {max(weightings):.4f}; "
+        f"the weighting learned on validation (LoraHub-style, a gradient-free search from equal weights; validation "
+        f"accuracy {controls['learned_validation_accuracy']:.4f}) reaches {controls['learned_accuracy']:.4f} on test, the "
+        f"{controls['learned_percentile']:.0f}th percentile of the random weightings.",
+        "",
+    ]
+
+
 def compose(runs: list[dict[str, Any]]) -> Section:
     """Ten adapters on one base: every combination, routing rule and control, against the base per digit."""
     result = runs[0]
@@ -359,11 +412,11 @@ def compose(runs: list[dict[str, Any]]) -> Section:
         "picks an adapter per test image from the base model's own top predictions (`lora.adapter_per_row`, never the "
         "label). Controls: the base, the best single adapter, the replay-0.5 adapter, and ten random adapters with the "
         "real ones' per-layer norms, combined and routed the same ways. Weights and the best single adapter come "
-        f"from {result['selection']} (seen in training by the base and the adapters, so not held out); the test set is "
-        "only scored.",
+        f"from {result['selection']}; the test set is only scored.",
         "",
         answer,
         "",
+        *control_lines(result.get("controls")),
         "![compose](plots/compose.png)",
         "",
         "| variant | family | accuracy | digits worse | better | " + " | ".join(digits) + " | stored | multiply-adds × base |",
@@ -378,6 +431,8 @@ def compose(runs: list[dict[str, Any]]) -> Section:
         "",
     ]
     summary = {v["name"]: {"accuracy": v["accuracy"], "digits_worse": v["digits_worse"]} for v in ordered}
+    if controls := result.get("controls"):
+        summary["controls"] = {key: controls[key] for key in ("draws", "routing_percentile", "learned_accuracy", "learned_percentile")}
     return Section(lines, summary, {"compose": table}, {"compose": fig})
 
 
@@ -385,6 +440,7 @@ def compose(runs: list[dict[str, Any]]) -> Section:
 SECTIONS: dict[str, Callable[[list[dict[str, Any]]], Section]] = {
     "rank_sweep": rank_sweep,
     "seeds": seeds,
+    "long_base": long_base,
     "replay_sweep": replay_sweep,
     "full_finetune": full_finetune,
     "digit_adapters": digit_adapters,

@@ -25,7 +25,8 @@ import torch
 
 from lora import add_weighted_adapter, base_weights_sha256, delete_adapter, load_adapter, save_adapter, set_adapter
 from lora.save_load import WEIGHTS_NAME
-from lora_mnist.compose import add_random_like, multiply_adds, predict_per_row, route_by_confidence, route_by_prediction
+from lora_mnist.compose import (add_random_like, multiply_adds, predict_per_row, route_at_random, route_by_confidence,
+                                route_by_prediction, search_weights)
 from lora_mnist.integrity import check_integrity, require_finite
 from lora_mnist.io import write_json
 from lora_mnist.metrics import per_digit, predict, summarize
@@ -33,11 +34,13 @@ from lora_mnist.artifacts import load_base_model, load_data
 from lora_mnist.cli import run_stage
 from lora_mnist.params import Params
 from lora_mnist.paths import EXPERIMENT_MODELS, EXPERIMENT_RESULTS
+from lora_mnist.stats import percentile_rank
 from lora_mnist.train import resolve_device
 
 DIGITS = range(10)
+DRAWS = 20  # random routings and random weightings: a control that can win needs a distribution
 ADAPTERS = EXPERIMENT_MODELS / "digit_adapters"
-REPLAY_ADAPTER = EXPERIMENT_MODELS / "replay_sweep" / "replay-0.5" / "adapter"
+REPLAY_ADAPTER = EXPERIMENT_MODELS / "replay_sweep" / "replay-0.5"
 RESULT = EXPERIMENT_RESULTS / "compose.json"
 # combination type -> its options (PEFT's names); svd keeps PEFT's default rank, the adapters' own (1)
 COMBINATIONS: dict[str, dict[str, Any]] = {
@@ -82,6 +85,36 @@ def saved_bytes(model: torch.nn.Module, adapter: str) -> int:
         return (Path(tmp) / "adapter" / WEIGHTS_NAME).stat().st_size
 
 
+def draws_and_learned_weights(model: torch.nn.Module, pool: dict[int, str], variants: list[dict[str, Any]],
+                              selection: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+                              seed: int, backend: str) -> dict[str, Any]:
+    """DRAWS random routings and DRAWS random weightings of the ten adapters, and the weighting learned on validation
+    (LoraHub-style), each scored on test: where the real routing and the learned weights fall among the draws."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def linear_accuracy(weights: list[float], images: torch.Tensor, labels: torch.Tensor) -> float:
+        add_weighted_adapter(model, list(pool.values()), weights, "weighted", "linear")
+        set_adapter(model, "weighted")
+        accuracy = summarize(labels, require_finite(predict(model, images, backend), "weighted"))["accuracy"]
+        delete_adapter(model, "weighted")
+        return accuracy
+
+    routings = [summarize(test[1], predict_per_row(model, test[0], route_at_random(len(test[1]), pool, generator), backend))["accuracy"]
+                for _ in range(DRAWS)]
+    weightings = [linear_accuracy(torch.rand(len(pool), generator=generator).tolist(), *test) for _ in range(DRAWS)]
+    learned, validation_accuracy = search_weights(lambda w: linear_accuracy(w, *selection), len(pool), generator)
+    learned_test = linear_accuracy(learned, *test)
+    routed = next(v["accuracy"] for v in variants if v["name"] == "route to the base's prediction")
+    return {
+        "draws": DRAWS,
+        "random_routing_accuracy": routings, "routing_accuracy": routed,
+        "routing_percentile": percentile_rank(routed, routings),
+        "random_weights_accuracy": weightings,
+        "learned_weights": learned, "learned_validation_accuracy": validation_accuracy, "learned_accuracy": learned_test,
+        "learned_percentile": percentile_rank(learned_test, weightings),
+    }
+
+
 def run(params: Params) -> dict[str, Any]:
     """Score every variant on the test set, check the frozen base, write experiments/results/compose.json."""
     device, backend = resolve_device(params.device), params.backend
@@ -95,7 +128,7 @@ def run(params: Params) -> dict[str, Any]:
 
     adapter_of_digit = {d: f"digit-{d}" for d in DIGITS}
     for digit, name in adapter_of_digit.items():
-        load_adapter(model, ADAPTERS / f"digit-{digit}" / "adapter", name)
+        load_adapter(model, ADAPTERS / f"digit-{digit}", name)
     load_adapter(model, REPLAY_ADAPTER, "replay")
     generator = torch.Generator().manual_seed(params.seed)
     random_of_digit = {d: f"random-{d}" for d in DIGITS}
@@ -137,13 +170,16 @@ def run(params: Params) -> dict[str, Any]:
                 macs = base_macs + 2 * multiply_adds(model, [pool[0]])
             variants.append(score(name, family, test, selection, routed_bytes, macs))
 
+    controls = draws_and_learned_weights(model, adapter_of_digit, variants, (selection_images, selection_labels),
+                                         (test_images, test_labels), params.seed, backend)
     check_integrity(model, test_images, base_test_logits, {"before composing": sha_before}, backend)
     result = {
         "name": "compose",
-        "adapters": [str(ADAPTERS / f"digit-{d}" / "adapter") for d in DIGITS],
+        "adapters": [str(ADAPTERS / f"digit-{d}") for d in DIGITS],
         "selection": f"the {len(selection_labels):,} validation images (held out of every training run)",
         "base": {"accuracy": base_test["accuracy"], "errors_per_digit": per_digit(base_test["errors_per_digit"])},
         "variants": variants,
+        "controls": controls,
     }
     write_json(RESULT, result)
     closest = min((v for v in variants if v["family"] in ("combination", "routing")),

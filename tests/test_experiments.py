@@ -18,48 +18,64 @@ from lora_mnist import report
 from lora_mnist.params import load_params
 from lora_mnist.paths import BASE_WEIGHTS
 from stages import full_finetune, pretrain, trial
-from tests.helpers import HARD_DIGIT, run_env, sh
+from tests.helpers import HARD_DIGIT, run_env, set_params, sh
 
 
-def test_trial_records_the_base_and_the_adapter_at_every_inference_scale(project):
+def test_trial_records_the_base_and_the_adapter_at_every_inference_scale_on_validation_and_test(project):
     pretrain.run(load_params())
     base_hash = file_sha256(BASE_WEIGHTS)
-    result = trial.run(load_params(), "rank_sweep/r2-a4", {"lora.rank": 2, "lora.alpha": 4}, pretrain=False)
+    results = trial.run("rank_sweep", "r{rank}-a{alpha}", ["lora.rank=2,1", "lora.alpha=4"], pretrain=False)
 
+    assert list(results) == ["r2-a4", "r1-a4"]
+    result = results["r2-a4"]
     saved = json.loads((project / "experiments/results/rank_sweep/r2-a4.json").read_text())
-    assert saved == json.loads(json.dumps(result))
+    assert saved == json.loads(json.dumps(result)) and result["overrides"] == {"lora.rank": 2, "lora.alpha": 4}
     assert result["digit"] == HARD_DIGIT and (result["rank"], result["alpha"], result["scaling"]) == (2, 4, 2.0)
-    assert [p["scale"] for p in result["scale_curve"]] == trial.SCALES
-    assert result["scale_curve"][0]["errors_per_digit"] == result["base"]["errors_per_digit"]  # scale 0 is the base
+    for curve, base in ((result["scale_curve"], result["base"]), (result["validation"]["scale_curve"], result["validation"]["base"])):
+        assert [p["scale"] for p in curve] == trial.SCALES
+        assert curve[0]["errors_per_digit"] == base["errors_per_digit"]  # scale 0 is the base
     assert result["scale_curve"][-1] == result["lora_on"]
     assert result["loss_last_10"] < result["loss_first_10"]
-    adapter = project / "experiments/models/rank_sweep/r2-a4/adapter/adapter_model.safetensors"
+    adapter = project / "experiments/models/rank_sweep/r2-a4/adapter_model.safetensors"
     assert result["adapter_file_bytes"] == adapter.stat().st_size
     assert result["trainable_parameters"] == 2 * (784 + 64 + 64 + 32 + 32 + 10)
+    on_right, off_right = result["mcnemar_on_vs_off"]["only_on_right"], result["mcnemar_on_vs_off"]["only_off_right"]
+    change = sum(result["base"]["errors_per_digit"].values()) - sum(result["lora_on"]["errors_per_digit"].values())
+    assert on_right - off_right == change and 0 < result["mcnemar_on_vs_off"]["p_value"] <= 1
     assert file_sha256(BASE_WEIGHTS) == base_hash
 
 
-def test_trial_with_pretrain_trains_its_own_base_for_the_seed_it_is_given(project):
-    trial.main(["seeds/seed-3", "--pretrain", "seed=3"])  # as experiments/dvc.yaml's seeds stage runs it
+def test_trial_with_pretrain_trains_each_points_own_base_for_the_seed_it_is_given(project):
+    trial.main(["seeds", "seed-{seed}", "--pretrain", "seed=3,4"])  # as experiments/dvc.yaml's seeds stage runs it
     first = json.loads((project / "experiments/results/seeds/seed-3.json").read_text())
     assert not BASE_WEIGHTS.exists()  # the main pipeline's base is neither needed nor written
-    base = project / "experiments/models/seeds/seed-3/base.safetensors"
-    assert first["seed"] == 3 and first["pretrained_here"] and first["base_file_bytes"] == base.stat().st_size
-    other = trial.run(load_params(), "seeds/seed-4", {"seed": 4}, pretrain=True)
-    assert file_sha256(base) != file_sha256(project / "experiments/models/seeds/seed-4/base.safetensors")
-    assert other["seed"] == 4
+    bases = [project / f"experiments/models/seeds/seed-{seed}.base.safetensors" for seed in (3, 4)]
+    assert first["seed"] == 3 and first["pretrained_here"] and file_sha256(bases[0]) != file_sha256(bases[1])
+
+
+def test_a_trial_killed_or_failing_midway_leaves_the_groups_previous_results_whole(project, capsys):
+    pretrain.run(load_params())
+    trial.run("replay_sweep", "replay-{replay_fraction}", ["finetune.replay_fraction=0.0"], pretrain=False)
+    before = sorted(p.name for p in (project / "experiments/results/replay_sweep").iterdir())
+    set_params(project / "params.yaml", **{"finetune.lr": 1e30})  # diverges: the first point fails in training
+    with pytest.raises(SystemExit):
+        trial.main(["replay_sweep", "replay-{replay_fraction}", "finetune.replay_fraction=0.0,0.5"])
+    assert sorted(p.name for p in (project / "experiments/results/replay_sweep").iterdir()) == before == ["replay-0.0.json"]
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["x", "lora.rnak=2"], "error: override lora.rnak=2: params.yaml has no key 'lora.rnak'"),
-        (["x", "lora.rank=0"], "lora.rank=0 is invalid: an integer >= 1 is allowed"),
-        (["x", "lora.rank"], "error: override 'lora.rank' is invalid: key=value is allowed"),
-        (["../x"], "error: trial name '../x' is invalid"),
+        (["g", "x{rnak}", "lora.rnak=2"], "error: override lora.rnak=2: params.yaml has no key 'lora.rnak'"),
+        (["g", "x{rank}", "lora.rank=0,1"], "lora.rank=0 is invalid: an integer >= 1 is allowed"),
+        (["g", "x{rank}", "lora.rank"], "error: override 'lora.rank' is invalid: key=value is allowed"),
+        (["..", "x{rank}", "lora.rank=1"], "error: group '..' is invalid"),
+        (["g", "../x{rank}", "lora.rank=1"], "gives '../x1': one plain file name per point is allowed"),
+        (["g", "same", "lora.rank=1,2"], "gives 'same': one plain file name per point is allowed"),
+        (["g", "x{alpha}", "lora.rank=1"], "template 'x{alpha}' is invalid for keys ['lora.rank']"),
     ],
 )
-def test_trial_refuses_a_bad_override_or_name_in_one_line_and_writes_nothing(project, capsys, args, message):
+def test_trial_refuses_a_bad_override_group_or_template_in_one_line_and_writes_nothing(project, capsys, args, message):
     with pytest.raises(SystemExit) as exit_status:
         trial.main(args)  # as `python -m stages.trial` runs it
     assert exit_status.value.code == 2
@@ -101,8 +117,10 @@ def trial_result(digit: int, base: list[int], on: list[int], **fields) -> dict:
     for scale in (0.0, 0.5, 1.0):
         errors = [round(b + scale * (o - b)) for b, o in zip(base, on)]
         curve.append({"scale": scale, "accuracy": 1 - sum(errors) / 1000, "errors_per_digit": per_digit(errors)})
-    defaults = {"seed": 0, "rank": 1, "alpha": 1, "scaling": 1.0, "replay_fraction": 0.0, "steps": 100,
-                "trainable_parameters": 6794, "adapter_file_bytes": 27792, "base_file_bytes": 11228536}
+    fewer = sum(base) - sum(on)  # errors LoRA on removes overall; a fixture's McNemar counts only those
+    defaults = {"seed": 0, "rank": 1, "alpha": 1, "scaling": 1.0, "replay_fraction": 0.0, "steps": 100, "pretrain_epochs": 1,
+                "trainable_parameters": 6794, "adapter_file_bytes": 27792, "base_file_bytes": 11228536,
+                "mcnemar_on_vs_off": {"only_on_right": max(fewer, 0), "only_off_right": max(-fewer, 0), "p_value": 0.01}}
     return {**defaults, **fields, "digit": digit, "base": {"accuracy": curve[0]["accuracy"], "errors_per_digit": per_digit(base)},
             "lora_on": curve[-1], "scale_curve": curve}
 
@@ -119,6 +137,7 @@ def write_fixture_results(root: Path) -> None:
             files[f"rank_sweep/r{rank}-a{alpha}"] = trial_result(1, base, on, rank=rank, alpha=alpha, scaling=alpha / rank)
     for seed, (base_1, on_1) in enumerate([(50, 10), (40, 6)]):
         files[f"seeds/seed-{seed}"] = trial_result(1, base[:1] + [base_1] + base[2:], [5, on_1] + [7] * 8, seed=seed)
+    files["long_base/epochs3-seed0"] = trial_result(1, base, [5, 10] + [7] * 8, pretrain_epochs=3)
     files["replay_sweep/replay-0.0"] = trial_result(1, base, [5, 10] + [8] * 8)
     files["replay_sweep/replay-0.1"] = trial_result(1, base, [5, 12] + [6] * 8, replay_fraction=0.1)
     for digit in range(3):
@@ -155,14 +174,18 @@ def test_report_builds_every_section_from_small_fixture_results(tmp_path, monkey
     summary = report.write_report()
 
     text = (tmp_path / "experiments/report.md").read_text()
-    for heading in ("## Rank sweep", "## Variance over seeds", "## Forgetting and how to trade it",
+    for heading in ("## Rank sweep", "## The headline over seeds", "## A longer-trained base", "## Forgetting and how to trade it",
                     "## LoRA against full fine-tuning", "## One adapter per digit", "## Ten adapters, one base"):
         assert heading in text
     assert "Not run" not in text
     # seeds: base accuracy 1 - 95/1000 and 1 - 85/1000; target errors 50 and 40 -> 10 and 6
-    assert summary["seeds"]["base_accuracy"] == {"mean": 0.91, "std": 0.0071}
-    assert summary["seeds"]["target_errors_base"] == {"mean": 45.0, "std": 7.0711}
-    assert "| **mean ± std** | | 0.9100 ± 0.0071 |" in text
+    # the interval is the mean's 95% t interval: t(1 degree of freedom) = 12.706
+    assert summary["seeds"]["base_accuracy"] == {"mean": 0.91, "sd": 0.0071, "ci95_low": 0.8465, "ci95_high": 0.9735}
+    assert summary["seeds"]["target_errors_base"]["mean"] == 45.0 and summary["seeds"]["target_errors_base"]["sd"] == 7.0711
+    assert summary["seeds"]["overall"] == {"helps": 2} and "LoRA on helps on 2 of the 2 bases." in text
+    assert "| **mean (95% interval)** | | | 0.9100 (0.8465 to 0.9735) |" in text
+    assert summary["long_base"] == [{"seed": 0, "epochs": 3, "base_accuracy": 0.905, "lora_on_accuracy": 0.929,
+                                     "mcnemar_p": 0.01, "overall": "helps"}]
     # frontier: replay 0 at scale 1 has the fewest target errors, replay 0.1 at scale 1 the best accuracy
     assert "| 0 | 1 | 10 | 69 | 0.9210 |\n| 0.1 | 1 | 12 | 53 | 0.9350 |\n\n" in text
     assert summary["replay_sweep"]["frontier"] == {"points": 2, "max_accuracy": 0.935}
@@ -220,30 +243,23 @@ def test_a_damaged_result_file_stops_the_report_in_one_line_before_writing(tmp_p
 
 
 @pytest.mark.slow
-def test_experiment_matrices_expand_to_every_grid_point_in_dvcs_dry_run(git_repo):
+def test_each_experiment_group_is_one_stage_running_its_whole_grid_in_dvcs_dry_run(git_repo):
     # A dry run hashes the dependencies, so they must exist; nothing runs, so placeholders do.
     for path in ["models/base.safetensors", "dvclive/pretrain/metrics.json", "metrics/analyze.json",
-                 "models/adapter/adapter_config.json", "metrics/finetune.json",
+                 "models/adapter/adapter_config.json", "metrics/finetune.json", "params_checked.json",
+                 "experiments/models/digit_adapters/digit-0/adapter_config.json",  # compose's inputs
+                 "experiments/models/replay_sweep/replay-0.5/adapter_config.json",
                  *(f"data/mnist/raw/{name}" for name in MNIST_SHA256)]:
         (git_repo / path).parent.mkdir(parents=True, exist_ok=True)
         (git_repo / path).write_bytes(b"placeholder")
-    for trial in [*(f"digit_adapters/digit-{d}" for d in range(10)), "replay_sweep/replay-0.5"]:  # compose's inputs
-        (git_repo / "experiments/models" / trial / "adapter").mkdir(parents=True)
-        (git_repo / "experiments/models" / trial / "adapter" / "adapter_config.json").write_bytes(b"placeholder")
     output = sh(git_repo, "dvc", "repro", "--dry", "experiments/dvc.yaml")
     stages = dict(re.findall(r"Running stage 'experiments/dvc.yaml:([^']+)':\n> (.+)", output))
-    assert {name for name in stages if name.startswith("rank_sweep@")} == {
-        f"rank_sweep@{r}-{a}" for r in (1, 2, 4, 8, 16) for a in (1, 4, 16)
-    }
-    assert stages["rank_sweep@8-4"] == "python -m stages.trial rank_sweep/r8-a4 lora.rank=8 lora.alpha=4"
-    assert stages["digit_adapters@7"] == "python -m stages.trial digit_adapters/digit-7 finetune.digit=7"
-    assert stages["seeds@2"] == "python -m stages.trial seeds/seed-2 --pretrain seed=2"
-    assert stages["replay_sweep@0.05"] == "python -m stages.trial replay_sweep/replay-0.05 finetune.replay_fraction=0.05"
-    assert sum(name.startswith("digit_adapters@") for name in stages) == 10
-    assert sum(name.startswith("seeds@") for name in stages) == 5
-    assert sum(name.startswith("replay_sweep@") for name in stages) == 6
-    assert stages["compose"] == "python -m stages.compose"
-    assert "full_finetune" in stages and "'experiments/dvc.yaml:report'" in output
+    assert stages["rank_sweep"] == "python -m stages.trial rank_sweep r{rank}-a{alpha} lora.rank=1,2,4,8,16 lora.alpha=1,4,16"
+    assert stages["seeds"] == 'python -m stages.trial seeds seed-{seed} --pretrain "seed=range(0,10)"'
+    assert list(trial.points("seed-{seed}", ["seed=range(0,10)"])) == [f"seed-{s}" for s in range(10)]
+    assert len(trial.points("r{rank}-a{alpha}", ["lora.rank=1,2,4,8,16", "lora.alpha=1,4,16"])) == 15
+    assert {"compose", "full_finetune", "long_base", "digit_adapters", "replay_sweep"} <= set(stages)
+    assert "'experiments/dvc.yaml:report'" in output
     # The root pipeline alone is what a plain `dvc repro` runs.
     assert "experiments/dvc.yaml" not in sh(git_repo, "dvc", "repro", "--dry")
 
@@ -267,17 +283,15 @@ def test_a_queued_rank_sweep_holds_one_experiment_per_rank(git_repo):
 @pytest.mark.slow
 def test_experiment_stages_run_on_real_mnist_and_the_report_builds_from_them(git_repo):
     shutil.rmtree(git_repo / "experiments" / "results")  # the committed real results; only these stages' will be there
-    stages = ["digit_adapters@3", "seeds@1", "full_finetune"]
-    sh(git_repo, "dvc", "repro", *(f"experiments/dvc.yaml:{stage}" for stage in stages))
-    sh(git_repo, "dvc", "repro", "--single-item", "experiments/dvc.yaml:report")
+    stages = ["long_base", "full_finetune"]
+    set_params(git_repo / "params.yaml", **{"pretrain.max_steps": 300})  # long_base's three epochs, cut short
+    sh(git_repo, "dvc", "repro", *(f"experiments/dvc.yaml:{stage}" for stage in stages), "experiments/dvc.yaml:report")
     results = git_repo / "experiments" / "results"
-    adapter = json.loads((results / "digit_adapters/digit-3.json").read_text())
-    assert adapter["digit"] == 3 and adapter["lora_on"]["errors_per_digit"]["3"] < adapter["base"]["errors_per_digit"]["3"]
-    assert adapter["adapter_file_bytes"] < 30_000
-    seed = json.loads((results / "seeds/seed-1.json").read_text())
-    assert seed["seed"] == 1 and seed["pretrained_here"] and seed["base"]["accuracy"] > 0.85
+    long = json.loads((results / "long_base/epochs3-seed0.json").read_text())
+    assert long["pretrain_epochs"] == 3 and long["pretrained_here"] and long["base"]["accuracy"] > 0.85
+    assert long["adapter_file_bytes"] < 30_000 and long["mcnemar_on_vs_off"]["p_value"] <= 1
     text = (git_repo / "experiments/report.md").read_text()
-    assert "## One adapter per digit" in text and "## LoRA against full fine-tuning" in text
-    assert "No results yet for: rank_sweep, replay_sweep, compose." in text
+    assert "## A longer-trained base" in text and "## LoRA against full fine-tuning" in text
+    assert "No results yet for: rank_sweep, seeds, replay_sweep, digit_adapters, compose." in text
     status = sh(git_repo, "dvc", "status", *(f"experiments/dvc.yaml:{stage}" for stage in stages))
     assert "up to date" in status

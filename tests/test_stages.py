@@ -289,9 +289,8 @@ def test_compose_scores_every_combination_routing_rule_and_control_against_the_b
     from stages import compose, trial
 
     pretrain.run(load_params())
-    for digit in range(10):
-        trial.run(load_params(), f"digit_adapters/digit-{digit}", {"finetune.digit": digit}, pretrain=False)
-    trial.run(load_params(), "replay_sweep/replay-0.5", {"finetune.replay_fraction": 0.5}, pretrain=False)
+    trial.run("digit_adapters", "digit-{digit}", ["finetune.digit=range(0,10)"], pretrain=False)
+    trial.run("replay_sweep", "replay-{replay_fraction}", ["finetune.replay_fraction=0.5"], pretrain=False)
     result = compose.run(load_params())
 
     variants = {v["name"]: v for v in result["variants"]}
@@ -309,6 +308,13 @@ def test_compose_scores_every_combination_routing_rule_and_control_against_the_b
     assert variants["route to the base's prediction"]["stored_bytes"] == 10 * alone
     assert variants["route by confidence, top 2"]["multiply_adds_per_image"] > variants["route to the base's prediction"]["multiply_adds_per_image"]
     assert json.loads((project / "experiments/results/compose.json").read_text()) == json.loads(json.dumps(result))
+    # the controls are distributions: twenty random routings and weightings, and where the real ones fall among them
+    controls = result["controls"]
+    assert len(controls["random_routing_accuracy"]) == len(controls["random_weights_accuracy"]) == compose.DRAWS >= 20
+    assert 0 <= controls["routing_percentile"] <= 100
+    assert controls["routing_accuracy"] == variants["route to the base's prediction"]["accuracy"]
+    assert len(controls["learned_weights"]) == 10 and 0 <= controls["learned_percentile"] <= 100
+    assert controls["learned_validation_accuracy"] >= 0  # it started from equal weights and only kept improvements
 
 
 def test_routing_follows_the_base_models_ranking_and_each_row_runs_its_own_adapter(project):
@@ -370,3 +376,32 @@ def test_an_output_directory_that_cannot_be_made_is_one_line_naming_it(project, 
     error = one_line_error(evaluate.main, capsys)
     assert error.startswith("error: reports") and "the previous outputs are kept" in error
     assert not (project / "metrics" / "evaluate.json").exists()
+
+
+def test_random_routings_draw_every_adapter_and_differ_from_draw_to_draw():
+    from lora_mnist.compose import route_at_random
+
+    generator, pool = torch.Generator().manual_seed(0), {d: f"digit-{d}" for d in range(10)}
+    first, second = route_at_random(1000, pool, generator), route_at_random(1000, pool, generator)
+    assert set(first) == set(pool.values()) and first != second
+
+
+def test_the_learned_weighting_never_scores_below_its_equal_weights_start_and_finds_a_better_one():
+    from lora_mnist.compose import search_weights
+
+    target = [0.5] + [0.0] * 9
+    score = lambda w: -sum((a - b) ** 2 for a, b in zip(w, target))  # noqa: E731
+    learned, best = search_weights(score, 10, torch.Generator().manual_seed(0), steps=200)
+    assert best == score(learned) > score([0.1] * 10)
+
+
+def test_mcnemar_is_the_exact_two_sided_binomial_test_of_the_discordant_images():
+    from lora_mnist.stats import mcnemar, mean_interval, percentile_rank
+
+    test = mcnemar([True] * 30 + [False] * 10 + [True] * 5, [False] * 30 + [True] * 10 + [True] * 5)
+    assert (test["only_first_right"], test["only_second_right"]) == (30, 10)
+    assert abs(test["p_value"] - 0.0022214337732293643) < 1e-12  # scipy.stats.binomtest(10, 40).pvalue
+    assert mcnemar([True, False], [True, False])["p_value"] == 1.0
+    interval = mean_interval([1.0, 2.0, 3.0])
+    assert interval["mean"] == 2.0 and abs(interval["ci95_high"] - (2 + 4.303 / 3 ** 0.5)) < 1e-9
+    assert percentile_rank(2, [1, 2, 3, 4]) == 37.5
