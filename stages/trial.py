@@ -87,9 +87,8 @@ def trial(params: Params, name: str, pretrain: bool, data: dict[str, Any], out: 
             summary = summarize(data[split][1], logits)
             curves[split].append({"scale": scale, "accuracy": summary["accuracy"],
                                   "errors_per_digit": per_digit(summary["errors_per_digit"])})
-            if split == "test" and scale == 1:
-                right = logits.argmax(1) == data["test"][1]
-                paired = mcnemar(right.tolist(), (base_logits["test"].argmax(1) == data["test"][1]).tolist())
+    test_labels = data["test"][1]  # the loop ends at scale 1: LoRA on as trained, its test logits last computed
+    paired = mcnemar((logits.argmax(1) == test_labels).tolist(), (base_logits["test"].argmax(1) == test_labels).tolist())
     return {
         "name": name, "seed": params.seed, "digit": digit, "rank": config.r, "alpha": config.alpha,
         "scaling": config.scaling, "replay_fraction": params.finetune.replay_fraction, "steps": params.finetune.steps,
