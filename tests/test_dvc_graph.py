@@ -125,10 +125,10 @@ def test_the_registry_declares_the_models_and_its_meta_describes_the_committed_r
     # The per-digit adapters were trained on that same base (its file hash in both lock files) with these settings.
     main_lock, experiments_lock = (yaml.safe_load((ROOT / name).read_text())["stages"] for name in ("dvc.lock", "experiments/dvc.lock"))
     base_md5 = next(o["md5"] for o in main_lock["pretrain"]["outs"] if o["path"] == "models/base.safetensors")
+    entry = experiments_lock["digit_adapters"]
+    assert next(d["md5"] for d in entry["deps"] if d["path"] == "models/base.safetensors") == base_md5
     for digit in range(10):
         result = json.loads((ROOT / f"experiments/results/digit_adapters/digit-{digit}.json").read_text())
-        entry = experiments_lock[f"digit_adapters@{digit}"]
-        assert next(d["md5"] for d in entry["deps"] if d["path"] == "models/base.safetensors") == base_md5
         assert digits[f"digit-{digit}-adapter"].meta == {"digit": digit, "rank": result["rank"], "alpha": result["alpha"],
                                                          "base_sha256": base_sha}
         assert digits[f"digit-{digit}-adapter"].path.startswith(next(o["path"] for o in entry["outs"]).removeprefix("experiments/"))
