@@ -32,3 +32,25 @@ def test_every_relative_link_in_the_readme_and_docs_points_to_a_file():
         for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text()):
             if "://" not in target:
                 assert (page.parent / target).exists(), f"{page.name} links to {target}"
+
+
+def test_the_readmes_headline_over_seeds_is_the_committed_experiments():
+    text = " ".join((ROOT / "README.md").read_text().split())  # prose as one line, whatever its wrapping
+    summary = json.loads((ROOT / "experiments/metrics.json").read_text())
+    seeds = summary["seeds"]
+    overall = seeds["overall"]
+    assert f"**lowers overall accuracy on {overall.get('hurts', 0)} of {seeds['bases']} bases**" in text
+    assert f"insignificantly on the other {overall.get('no significant change', 0)}" in text
+    if not overall.get("helps"):
+        assert "It helps overall on none." in text
+    rows = {"base accuracy": ("base_accuracy", 4), "LoRA-on accuracy": ("lora_on_accuracy", 4),
+            "accuracy change": ("accuracy_change", 4), "target-digit errors, base": ("target_errors_base", 1),
+            "target-digit errors, LoRA on": ("target_errors_lora_on", 1),
+            "other digits' errors added": ("other_errors_added", 1)}
+    for label, (key, digits) in rows.items():
+        s = seeds[key]
+        assert f"| {label} | {s['mean']:.{digits}f} | {s['ci95_low']:.{digits}f} to {s['ci95_high']:.{digits}f} |" in text, label
+    long = summary["long_base"][0]
+    assert f"three epochs (seed {long['seed']}: {long['base_accuracy']:.4f})" in text and long["epochs"] == 3
+    assert f"({long['lora_on_accuracy']:.4f} with LoRA on; McNemar p = {long['mcnemar_p']:.3f})" in text
+    assert "the change is not significant" in text and long["overall"] == "no significant change"
