@@ -1,6 +1,7 @@
 """DVC and git as the flows call them: this environment's CLIs in a subprocess, a failure as one line."""
 from __future__ import annotations
 
+import argparse
 import graphlib
 import json
 import os
@@ -10,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from lora_mnist.errors import EXPECTED_ERRORS
 from lora_mnist.params import ParamsError
@@ -76,6 +77,13 @@ def check_name(name: Any) -> str:
         raise ValueError(f"experiment name {name!r} is taken by an experiment of HEAD: choose another, or "
                          f"`dvc exp remove {name}` first")
     return name
+
+
+class CommandLine(argparse.ArgumentParser):
+    """The flow commands' parser: a bad argument is one line on stderr (argparse's usage block left out), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}\n")
 
 
 @contextmanager

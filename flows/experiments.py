@@ -12,14 +12,13 @@ from flows.dvc import use_project_prefect_home
 if __name__ == "__main__":
     use_project_prefect_home()
 
-import argparse
 import json
 from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.dvc import dvc, one_line_errors
+from flows.dvc import CommandLine, dvc, one_line_errors
 from lora_mnist.paths import EXPERIMENT_REPORT, EXPERIMENT_SUMMARY
 from lora_mnist.report import SECTIONS
 
@@ -44,7 +43,7 @@ def experiments(groups: list[str] = list(GROUPS)) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.experiments", description=__doc__.splitlines()[0])
+    parser = CommandLine(prog="python -m flows.experiments", description=__doc__.splitlines()[0])
     parser.add_argument("--group", dest="groups", action="append", choices=GROUPS, help="repeatable; all by default")
     args = parser.parse_args()
     with one_line_errors():

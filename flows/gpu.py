@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -66,25 +67,36 @@ def run_on_gpu_pool(overrides: dict[str, Any], name: str, apply: bool) -> dict[s
 
 def check_experiment(name: str, commit: str) -> None:
     """Refuse an experiment that changes a file the pipeline does not write, adds or retypes an output, or holds a
-    directory listing a path outside itself (absolute, '..', a NUL byte): all before anything is checked out."""
+    directory listing a path outside itself (absolute, '..', empty, a NUL byte): all before anything is checked out."""
     refs = [ref for ref in git("for-each-ref", "--format=%(refname)", "refs/exps/").split() if ref.endswith(f"/{name}")]
     if len(refs) != 1:
         raise HandoffRefused(f"experiment {name!r}: {len(refs)} experiment refs of that name, one is expected")
     changed = git("diff", "--name-only", "-z", commit, refs[0]).split("\0")
     if outside := [path for path in changed if path and not path.startswith(RETURNED)]:
         raise HandoffRefused(f"experiment {name!r} changes {outside}: only {list(RETURNED)} come back")
-    declared = {out["path"]: out["md5"].endswith(".dir") for stage in yaml.safe_load(git("show", f"{commit}:dvc.lock"))["stages"].values()
-                for out in stage.get("outs", [])}
-    for stage, entry in yaml.safe_load(git("show", f"{refs[0]}:dvc.lock"))["stages"].items():
-        for out in entry.get("outs", []):
-            path, is_dir = out["path"], str(out.get("md5", "")).endswith(".dir")
-            if path not in declared or is_dir != declared[path]:
-                raise HandoffRefused(f"experiment {name!r}: {stage} returns {path!r} as a {'directory' if is_dir else 'file'}, "
-                                     "which this commit's pipeline does not write")
-            if is_dir:
-                listing = yaml.safe_load(dvc("ls", "--rev", refs[0], "--json", "-R", ".", path))
-                if bad := [e["path"] for e in listing if "\0" in e["path"] or e["path"].startswith("/") or ".." in re.split(r"[/\\]", e["path"])]:
-                    raise HandoffRefused(f"experiment {name!r}: {path} lists {bad[0]!r}, a path outside itself")
+    declared = set(re.findall(r'^"([^"]+)";$', dvc("dag", "--outs", "--dot", "dvc.yaml"), re.M))  # dvc.yaml's outputs
+    before = lock_outputs(commit)
+    for path, md5 in lock_outputs(refs[0]).items():
+        is_dir = md5.endswith(".dir")
+        if path not in declared or (path in before and is_dir != before[path].endswith(".dir")):
+            raise HandoffRefused(f"experiment {name!r} returns {path!r} as a {'directory' if is_dir else 'file'}, which "
+                                 "this commit's pipeline does not write")
+        if is_dir and md5 != before.get(path):  # an unchanged directory is this commit's own
+            try:
+                listing = json.loads(dvc("ls", "--rev", refs[0], "--json", "-R", ".", path))
+            except CommandFailed as exc:  # DVC itself fails on some listings that leave the directory ('../..')
+                raise HandoffRefused(f"experiment {name!r}: {path} cannot be listed: {exc}") from None
+            if bad := [e["path"] for e in listing if not e["path"] or "\0" in e["path"] or e["path"].startswith("/") or ".." in re.split(r"[/\\]", e["path"])]:
+                raise HandoffRefused(f"experiment {name!r}: {path} lists {bad[0]!r}, a path outside itself")
+
+
+def lock_outputs(rev: str) -> dict[str, str]:
+    """Each output's hash in dvc.lock at ``rev`` (none where that commit has no dvc.lock yet)."""
+    try:
+        lock = yaml.safe_load(git("show", f"{rev}:dvc.lock"))
+    except CommandFailed:
+        return {}
+    return {out["path"]: str(out.get("md5", "")) for entry in lock["stages"].values() for out in entry.get("outs", [])}
 
 
 @flow(name="lora-mnist-train", log_prints=True)

@@ -13,7 +13,6 @@ from flows.dvc import use_project_prefect_home
 if __name__ == "__main__":
     use_project_prefect_home()
 
-import argparse
 import json
 import uuid
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.dvc import check_name, dvc, experiment_metrics, one_line_errors, set_params, stage_order
+from flows.dvc import CommandLine, check_name, dvc, experiment_metrics, one_line_errors, set_params, stage_order
 from flows.gpu import TRAINING_MODES, gpu_pool_unavailable, run_on_gpu_pool
 from lora_mnist.params import load_raw, parse_overrides, with_overrides
 from lora_mnist.paths import EVALUATE_METRICS, FINETUNE_METRICS
@@ -97,7 +96,7 @@ def publish(metrics: dict[str, Any], runs: list[dict[str, str]], experiment: str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
+    parser = CommandLine(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--training", choices=TRAINING_MODES, default="auto")
     parser.add_argument("--name", help="the experiment's name when params are overridden")

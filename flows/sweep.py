@@ -17,7 +17,6 @@ from flows.dvc import use_project_prefect_home
 if __name__ == "__main__":
     use_project_prefect_home()
 
-import argparse
 import itertools
 import re
 import socket
@@ -30,7 +29,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.dvc import CommandFailed, check_name, dvc, experiment_metrics, one_line_errors, set_params
+from flows.dvc import CommandFailed, CommandLine, check_name, dvc, experiment_metrics, one_line_errors, set_params
 from lora_mnist.params import ParamsError, load_raw, parse_override, with_overrides
 
 SCHEDULER = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d+")  # host or [IPv6], then port
@@ -98,8 +97,8 @@ def sweep(grid: dict[str, list[Any]], prefix: str = "sweep", jobs: int = 2) -> l
         running.append(futures[-1])
     outcomes = {name: future.result(raise_on_failure=False) for name, future in zip(points, futures)}
     metrics = experiment_metrics([name for name, outcome in outcomes.items() if outcome == name])
-    table = [{"experiment": name, **points[name], **{label: _at(found["metrics/evaluate.json"], path) for label, path in COLUMNS.items()}}
-             for name, found in metrics.items()]
+    table = [{"experiment": name, **point, **{label: _at(metrics[name]["metrics/evaluate.json"], path) for label, path in COLUMNS.items()}}
+             for name, point in points.items() if name in metrics]  # in the grid's order, not `dvc exp show`'s
     create_table_artifact(key="sweep-results", table=table, description="One row per DVC experiment of the sweep")
     if failed := {name: outcome for name, outcome in outcomes.items() if name not in metrics}:
         raise CommandFailed(f"sweep points {list(failed)} did not finish: " + "; ".join(f"{n}: {e}" for n, e in failed.items()))
@@ -147,7 +146,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.sweep", description="Run a grid of DVC experiments as a Prefect flow.")
+    parser = CommandLine(prog="python -m flows.sweep", description="Run a grid of DVC experiments as a Prefect flow.")
     parser.add_argument("-S", "--set-param", dest="grid", action="append", required=True, metavar="KEY=V1,V2,…")
     parser.add_argument("--jobs", type=int, default=2, help="points at a time (default 2)")
     parser.add_argument("--dask", nargs="?", const="local", metavar="ADDRESS",
