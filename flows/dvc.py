@@ -51,6 +51,13 @@ def stage_order(cwd: Path | None = None) -> list[str]:
     return [name for name in order if ":" not in name]  # experiments/dvc.yaml's stages are named file:stage
 
 
+def how_ran(output: str, stage: str) -> str:
+    """What `dvc repro` or `dvc exp run` printed of ``stage``: "here", "run cache" (its outputs restored), or "skipped"."""
+    if f"Running stage '{stage}'" in output:
+        return "here"
+    return "run cache" if f"Stage '{stage}' is cached" in output else "skipped"
+
+
 def set_params(overrides: dict[str, Any]) -> list[str]:
     """``{"lora.rank": 4}`` as `dvc exp run` arguments, each value written as YAML reads it back."""
     return [arg for key, value in overrides.items() for arg in ("-S", f"{key}={json.dumps(value)}")]
@@ -100,3 +107,4 @@ def use_project_prefect_home() -> None:
     """Entry points only: Prefect keeps its database and logs inside the project (git-ignored) unless told otherwise."""
     os.environ.setdefault("PREFECT_HOME", str(Path(__file__).resolve().parents[1] / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")  # 20 s is too short on a busy 2-core machine

@@ -18,7 +18,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.dvc import CommandLine, dvc, one_line_errors
+from flows.dvc import CommandLine, dvc, how_ran, one_line_errors
 from lora_mnist.paths import EXPERIMENT_REPORT, EXPERIMENT_SUMMARY
 from lora_mnist.report import SECTIONS
 
@@ -27,8 +27,7 @@ GROUPS = tuple(SECTIONS)  # each group is a stage of experiments/dvc.yaml with a
 
 @task(task_run_name="{target}")
 def repro(target: str) -> dict[str, str]:
-    ran = "Running stage" in dvc("repro", target)
-    return {"stage": target, "ran": "here" if ran else "skipped"}
+    return {"stage": target, "ran": how_ran(dvc("repro", target), target)}
 
 
 @flow(name="lora-mnist-experiments", log_prints=True)

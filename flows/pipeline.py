@@ -20,7 +20,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.dvc import CommandLine, check_name, dvc, experiment_metrics, one_line_errors, set_params, stage_order
+from flows.dvc import CommandLine, check_name, dvc, experiment_metrics, how_ran, one_line_errors, set_params, stage_order
 from flows.gpu import TRAINING_MODES, gpu_pool_unavailable, run_on_gpu_pool
 from lora_mnist.params import load_raw, parse_overrides, with_overrides
 from lora_mnist.paths import EVALUATE_METRICS, FINETUNE_METRICS
@@ -28,14 +28,13 @@ from lora_mnist.paths import EVALUATE_METRICS, FINETUNE_METRICS
 
 @task(task_run_name="{stage}", retries=1, retry_delay_seconds=5)  # a network source can hiccup in download
 def repro(stage: str) -> dict[str, str]:
-    ran = f"Running stage '{stage}'" in dvc("repro", stage)
-    return {"stage": stage, "ran": "here" if ran else "skipped"}
+    return {"stage": stage, "ran": how_ran(dvc("repro", stage), stage)}
 
 
 @task(task_run_name="dvc exp run --temp -n {name}")
 def exp_run(name: str, overrides: dict[str, Any], stages: list[str]) -> list[dict[str, str]]:
     output = dvc("exp", "run", "--temp", "dvc.yaml", "-n", name, *set_params(overrides))
-    return [{"stage": stage, "ran": "here" if f"Running stage '{stage}'" in output else "skipped"} for stage in stages]
+    return [{"stage": stage, "ran": how_ran(output, stage)} for stage in stages]
 
 
 def check_run(overrides: dict[str, Any] | None, training: Any, experiment_name: Any) -> str | None:
