@@ -196,3 +196,16 @@ def test_a_refused_param_through_dvc_exp_run_or_dvc_repro_leaves_every_output_by
     result = subprocess.run(["dvc", "repro"], cwd=pipeline_repo, env=run_env(), capture_output=True, text=True)
     assert result.returncode != 0 and "error: params.yaml: unknown key 'typo'" in result.stdout + result.stderr
     assert snapshot() == before
+
+
+@pytest.mark.slow
+def test_a_fresh_clone_without_cache_or_remote_checks_out_and_pulls_with_allow_missing_as_the_readme_says(pipeline_repo, tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    assert "`dvc checkout --allow-missing`" in readme and "`dvc pull --allow-missing`" in readme
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(pipeline_repo), str(clone))  # no DVC cache, no remote
+    plain = subprocess.run(["dvc", "checkout"], cwd=clone, env=run_env(), capture_output=True, text=True)
+    assert plain.returncode != 0 and "Checkout failed" in plain.stdout + plain.stderr
+    for command in (["dvc", "checkout", "--allow-missing"], ["dvc", "pull", "--allow-missing"]):
+        sh(clone, *command)  # exits 0: what is missing stays missing, for dvc repro to rebuild
+    assert sh(clone, "git", "status", "--porcelain") == ""

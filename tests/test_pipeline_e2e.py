@@ -60,6 +60,9 @@ def test_dvc_repro_on_real_mnist_then_a_rank_experiment_reruns_only_finetune_and
     assert set(rows[0]) == {"Experiment", "lora.rank", "lora.alpha", "finetune.digit",
                             "digit_errors.base", "digit_errors.lora_on", "lora_on.accuracy"}, rows[0]
     assert [row["lora.rank"] for row in rows if row["Experiment"] == "rank2"] == ["2"]
+    narrow = list(csv.DictReader(sh(repo, *readme_command("dvc exp show --only-changed"), "--csv").splitlines()))
+    wide = list(csv.DictReader(sh(repo, "dvc", "exp", "show", "--csv").splitlines()))
+    assert "lora.rank" in narrow[0] and "lora.alpha" not in narrow[0] and len(narrow[0]) < len(wide[0])  # only what differs
 
     # A bad value through `dvc exp run -S` stops at the stage with the same one-line error;
     # --temp runs it outside the workspace, which stays as it was.
