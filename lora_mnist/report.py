@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import DataError
 from .io import csv_text, staged_outputs
+from .params import BACKENDS
 from .paths import EXPERIMENT_PLOTS, EXPERIMENT_REPORT, EXPERIMENT_RESULTS, EXPERIMENT_SUMMARY
 from .plotting import pyplot, save_figure
 from .stats import mean_interval
@@ -218,6 +219,37 @@ def long_base(runs: list[dict[str, Any]]) -> Section:
                 "lora_on_accuracy": r["lora_on"]["accuracy"], "mcnemar_p": r["mcnemar_on_vs_off"]["p_value"],
                 "overall": sign_of(r)} for r in runs]
     return Section(lines, summary)
+
+
+def backends(runs: list[dict[str, Any]]) -> Section:
+    """Does the fast path train the same model? Each seed's base pretrained by both backends, compared on test."""
+    by = {b: {r["seed"]: r for r in runs if r["overrides"]["backend"] == b} for b in BACKENDS}
+    both = sorted(set(by["auto"]) & set(by["torch"]))
+    lines = ["## Does the fast path train the same model?", "",
+             "Each seed's base pretrained twice, by `backend: auto` (the CPU kernels, the default) and by `backend: torch` "
+             "(autograd and torch.optim.Adam), from the same initial weights, images and steps, then fine-tuned on its "
+             "worst validation digit and scored alike. The two round differently, so their trajectories drift apart. "
+             "The test is paired by seed: the 95% t interval of the per-seed difference in base test accuracy "
+             "(auto minus torch); the backends differ significantly when it excludes 0.", ""]
+    summary: dict[str, Any] = {"seeds": len(both)}
+    if len(both) >= 2:
+        stats = {b: mean_interval([by[b][s]["base"]["accuracy"] for s in both]) for b in BACKENDS}
+        difference = mean_interval([by["auto"][s]["base"]["accuracy"] - by["torch"][s]["base"]["accuracy"] for s in both])
+        verdict = ("no significant difference" if difference["ci95_low"] <= 0 <= difference["ci95_high"] else
+                   "the CPU kernels' bases are " + ("more" if difference["mean"] > 0 else "less") + " accurate")
+        lines += [f"Over {len(both)} seeds: {verdict}; auto minus torch {difference['mean']:.4f} "
+                  f"({difference['ci95_low']:.4f} to {difference['ci95_high']:.4f}).", "",
+                  "| backend | base accuracy, mean | sd | 95% interval | LoRA-on accuracy, mean |", "|---|---:|---:|---:|---:|"]
+        for b, st in stats.items():
+            lora_on = statistics.fmean(by[b][s]["lora_on"]["accuracy"] for s in both)
+            lines.append(f"| {b} | {st['mean']:.4f} | {st['sd']:.4f} | {st['ci95_low']:.4f} to {st['ci95_high']:.4f} | {lora_on:.4f} |")
+        lines.append("")
+        summary |= {"verdict": verdict, "difference": {k: round(v, 4) for k, v in difference.items() if k != "n"},
+                    **{b: {k: round(v, 4) for k, v in st.items() if k != "n"} for b, st in stats.items()}}
+    lines += ["| seed | " + " | ".join(f"base accuracy, {b}" for b in BACKENDS) + " |", "|---:|" + "---:|" * len(BACKENDS)]
+    for seed in sorted({r["seed"] for r in runs}):
+        lines.append(f"| {seed} | " + " | ".join(f"{by[b][seed]['base']['accuracy']:.4f}" if seed in by[b] else "–" for b in BACKENDS) + " |")
+    return Section([*lines, ""], summary)
 
 
 def replay_sweep(runs: list[dict[str, Any]]) -> Section:
@@ -441,6 +473,7 @@ SECTIONS: dict[str, Callable[[list[dict[str, Any]]], Section]] = {
     "rank_sweep": rank_sweep,
     "seeds": seeds,
     "long_base": long_base,
+    "backends": backends,
     "replay_sweep": replay_sweep,
     "full_finetune": full_finetune,
     "digit_adapters": digit_adapters,

@@ -138,6 +138,10 @@ def write_fixture_results(root: Path) -> None:
     for seed, (base_1, on_1) in enumerate([(50, 10), (40, 6)]):
         files[f"seeds/seed-{seed}"] = trial_result(1, base[:1] + [base_1] + base[2:], [5, on_1] + [7] * 8, seed=seed)
     files["long_base/epochs3-seed0"] = trial_result(1, base, [5, 10] + [7] * 8, pretrain_epochs=3)
+    for seed, (auto_1, torch_1) in enumerate([(50, 40), (44, 30)]):  # torch's bases 10 and 14 errors better
+        for backend, base_1 in (("auto", auto_1), ("torch", torch_1)):
+            files[f"backends/{backend}-seed{seed}"] = trial_result(1, base[:1] + [base_1] + base[2:], [5, 6] + [7] * 8, seed=seed,
+                                                                  overrides={"backend": backend, "seed": seed})
     files["replay_sweep/replay-0.0"] = trial_result(1, base, [5, 10] + [8] * 8)
     files["replay_sweep/replay-0.1"] = trial_result(1, base, [5, 12] + [6] * 8, replay_fraction=0.1)
     for digit in range(3):
@@ -174,7 +178,8 @@ def test_report_builds_every_section_from_small_fixture_results(tmp_path, monkey
     summary = report.write_report()
 
     text = (tmp_path / "experiments/report.md").read_text()
-    for heading in ("## Rank sweep", "## The headline over seeds", "## A longer-trained base", "## Forgetting and how to trade it",
+    for heading in ("## Rank sweep", "## The headline over seeds", "## A longer-trained base",
+                    "## Does the fast path train the same model?", "## Forgetting and how to trade it",
                     "## LoRA against full fine-tuning", "## One adapter per digit", "## Ten adapters, one base"):
         assert heading in text
     assert "Not run" not in text
@@ -186,6 +191,10 @@ def test_report_builds_every_section_from_small_fixture_results(tmp_path, monkey
     assert "| **mean (95% interval)** | | | 0.9100 (0.8465 to 0.9735) |" in text
     assert summary["long_base"] == [{"seed": 0, "epochs": 3, "base_accuracy": 0.905, "lora_on_accuracy": 0.929,
                                      "mcnemar_p": 0.01, "overall": "helps"}]
+    # backends: auto minus torch per seed -0.010 and -0.014; t(1) = 12.706 makes the interval span 0
+    assert summary["backends"]["difference"] == {"mean": -0.012, "sd": 0.0028, "ci95_low": -0.0374, "ci95_high": 0.0134}
+    assert summary["backends"]["verdict"] == "no significant difference" and summary["backends"]["seeds"] == 2
+    assert "| 1 | 0.9110 | 0.9250 |" in text  # seed 1: 89 and 75 errors of 1000
     # frontier: replay 0 at scale 1 has the fewest target errors, replay 0.1 at scale 1 the best accuracy
     assert "| 0 | 1 | 10 | 69 | 0.9210 |\n| 0.1 | 1 | 12 | 53 | 0.9350 |\n\n" in text
     assert summary["replay_sweep"]["frontier"] == {"points": 2, "max_accuracy": 0.935}
@@ -258,6 +267,7 @@ def test_each_experiment_group_is_one_stage_running_its_whole_grid_in_dvcs_dry_r
     assert stages["seeds"] == 'python -m stages.trial seeds seed-{seed} --pretrain "seed=range(0,10)"'
     assert list(trial.points("seed-{seed}", ["seed=range(0,10)"])) == [f"seed-{s}" for s in range(10)]
     assert len(trial.points("r{rank}-a{alpha}", ["lora.rank=1,2,4,8,16", "lora.alpha=1,4,16"])) == 15
+    assert stages["backends"] == 'python -m stages.trial backends {backend}-seed{seed} --pretrain backend=auto,torch "seed=range(0,10)"'
     assert {"compose", "full_finetune", "long_base", "digit_adapters", "replay_sweep"} <= set(stages)
     assert "'experiments/dvc.yaml:report'" in output
     # The root pipeline alone is what a plain `dvc repro` runs.
@@ -294,6 +304,6 @@ def test_experiment_stages_run_on_real_mnist_and_the_report_builds_from_them(git
     assert long["adapter_file_bytes"] < 30_000 and long["mcnemar_on_vs_off"]["p_value"] <= 1
     text = (git_repo / "experiments/report.md").read_text()
     assert "## A longer-trained base" in text and "## LoRA against full fine-tuning" in text
-    assert "No results yet for: rank_sweep, seeds, replay_sweep, digit_adapters, compose." in text
+    assert "No results yet for: rank_sweep, seeds, backends, replay_sweep, digit_adapters, compose." in text
     status = sh(git_repo, "dvc", "status", *(f"experiments/dvc.yaml:{stage}" for stage in stages))
     assert "up to date" in status
