@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -101,6 +102,19 @@ def one_line_errors() -> Iterator[None]:
     except (*EXPECTED_ERRORS, OSError, ParamsError, CommandFailed, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)  # Prefect has logged the traceback already
         sys.exit(2)
+
+
+def require_prefect_api() -> None:
+    """A configured Prefect server must answer before a flow starts: one line, not Prefect's 100-line traceback."""
+    from prefect.settings import get_current_settings
+
+    if not (url := os.environ.get("PREFECT_API_URL") or get_current_settings().api.url):
+        return  # Prefect starts a temporary server
+    try:
+        urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=10).close()
+    except (OSError, ValueError) as exc:
+        raise CommandFailed(f"PREFECT_API_URL={url!r}: no Prefect server answers there ({exc}); start one, or unset "
+                            "it for a temporary server") from None
 
 
 def use_project_prefect_home() -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.dvc import CommandLine, dvc, how_ran, one_line_errors
+from flows.dvc import CommandLine, dvc, how_ran, one_line_errors, require_prefect_api
 from lora_mnist.paths import EXPERIMENT_REPORT, EXPERIMENT_SUMMARY
 from lora_mnist.report import SECTIONS
 
@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--group", dest="groups", action="append", choices=GROUPS, help="repeatable; all by default")
     args = parser.parse_args()
     with one_line_errors():
+        require_prefect_api()
         result = experiments(groups=args.groups or list(GROUPS))
     for run in result["stages"]:
         print(f"{run['stage']}: {run['ran']}")

@@ -20,7 +20,8 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.dvc import CommandLine, check_name, dvc, experiment_metrics, how_ran, one_line_errors, set_params, stage_order
+from flows.dvc import (CommandLine, check_name, dvc, experiment_metrics, how_ran, one_line_errors, require_prefect_api,
+                       set_params, stage_order)
 from flows.gpu import TRAINING_MODES, gpu_pool_unavailable, run_on_gpu_pool
 from lora_mnist.params import load_raw, parse_overrides, with_overrides
 from lora_mnist.paths import EVALUATE_METRICS, FINETUNE_METRICS
@@ -103,6 +104,7 @@ def main() -> None:
     with one_line_errors():
         overrides = parse_overrides(args.overrides)
         name = check_run(overrides, args.training, args.name)  # refused before a temporary Prefect server starts
+        require_prefect_api()
         result = pipeline(overrides=overrides, training=args.training, experiment_name=name)
     for run in result["stages"]:
         print(f"{run['stage']}: {run['ran']}")

@@ -29,7 +29,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.dvc import CommandFailed, CommandLine, check_name, dvc, experiment_metrics, one_line_errors, set_params
+from flows.dvc import (CommandFailed, CommandLine, check_name, dvc, experiment_metrics, one_line_errors, require_prefect_api,
+                       set_params)
 from lora_mnist.params import ParamsError, load_raw, parse_override, with_overrides
 
 SCHEDULER = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d+")  # host or [IPv6], then port
@@ -156,6 +157,7 @@ def main() -> None:
     with one_line_errors():
         grid = parse_grid(args.grid)
         points = plan(grid, args.prefix, args.jobs)  # refused before a temporary Prefect server starts
+        require_prefect_api()
         jobs = min(args.jobs, len(points))
         runner = ThreadPoolTaskRunner(max_workers=jobs) if args.dask is None else dask_runner(args.dask, jobs)
         table = sweep.with_options(task_runner=runner)(grid=grid, prefix=args.prefix, jobs=args.jobs)

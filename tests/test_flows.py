@@ -11,7 +11,7 @@ from pathlib import Path
 import dvc.api
 import pytest
 
-from tests.helpers import ROOT, changed_params, run_env, sh
+from tests.helpers import ROOT, changed_params, free_port, run_env, sh
 
 REFUSALS = {  # command-line arguments: the one line each prints
     ("flows.pipeline", "-S", "lora.rank=0"): "error: params.yaml with lora.rank=0: lora.rank=0 is invalid: an integer >= 1 is allowed",
@@ -50,6 +50,21 @@ def test_flow_commands_refuse_bad_arguments_in_one_line_before_prefect_starts_an
         assert err.strip() == expected if expected else err.startswith("error: argument --group: invalid choice"), err
         assert "temporary server" not in out + err  # refused before Prefect started one
     assert (ROOT / "params.yaml").read_bytes() == before
+
+
+def test_flow_commands_name_an_unreachable_prefect_api_url_in_one_line(capsys, monkeypatch):
+    import importlib
+
+    url = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("PREFECT_API_URL", url)
+    for module, *args in (["flows.pipeline"], ["flows.sweep", "-S", "lora.rank=1,2"], ["flows.experiments"]):
+        monkeypatch.setattr(sys, "argv", [module, *args])
+        with pytest.raises(SystemExit) as exit_:
+            importlib.import_module(module).main()
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith(f"error: PREFECT_API_URL={url!r}: no Prefect server answers there"), err
 
 
 # The rest runs DVC, a Prefect test server and training on real MNIST at a short schedule.
