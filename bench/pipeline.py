@@ -163,8 +163,8 @@ def run_pipeline(pretrain_steps: int | None, skip_sweep: bool, env: dict[str, st
         repro_wall, _, _ = run_measured(["dvc", "repro"], repo, env)
         per_stage = {}
         for stage in STAGES:
-            wall, rss, _ = run_measured([sys.executable, "-m", f"tasks.{stage}"], repo, env)
-            startup, _, _ = run_measured([sys.executable, "-c", f"import tasks.{stage}"], repo, env)
+            wall, rss, _ = run_measured([sys.executable, "-m", f"stages.{stage}"], repo, env)
+            startup, _, _ = run_measured([sys.executable, "-c", f"import stages.{stage}"], repo, env)
             per_stage[stage] = (wall, startup, rss)
         sweep = {}
         if not skip_sweep:

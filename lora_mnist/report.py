@@ -68,7 +68,9 @@ def pareto_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for q in points
         )
     ]
-    unique = {(p["digit_errors"], p["accuracy"]): p for p in sorted(front, key=lambda p: (p["replay_fraction"], p["scale"]))}
+    unique: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for p in sorted(front, key=lambda p: (p["replay_fraction"], p["scale"])):
+        unique.setdefault((p["digit_errors"], p["accuracy"]), p)  # of a tied pair, the lowest replay, then scale
     return sorted(unique.values(), key=lambda p: p["digit_errors"])
 
 

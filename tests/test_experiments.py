@@ -109,6 +109,8 @@ def test_pareto_front_keeps_only_points_no_other_point_beats_on_both_axes():
 
     points = [point(100, 0.90, 0.0), point(20, 0.95, 0.5), point(10, 0.94, 1.0), point(20, 0.93, 0.7), point(30, 0.95, 0.3)]
     assert [(p["digit_errors"], p["accuracy"]) for p in report.pareto_front(points)] == [(10, 0.94), (20, 0.95)]
+    tied = [point(10, 0.94, 0.9), point(10, 0.94, 0.8), {**point(10, 0.94, 0.1), "replay_fraction": 0.2}]
+    assert [p["scale"] for p in report.pareto_front(tied)] == [0.8]  # the lowest replay fraction, then scale
 
 
 def trial_result(digit: int, base: list[int], on: list[int], **fields) -> dict:
