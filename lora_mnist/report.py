@@ -248,9 +248,17 @@ def backends(runs: list[dict[str, Any]]) -> Section:
         lines.append("")
         summary |= {"verdict": verdict, "difference": {k: round(v, 4) for k, v in difference.items() if k != "n"},
                     **{b: {k: round(v, 4) for k, v in st.items() if k != "n"} for b, st in stats.items()}}
-    lines += ["| seed | " + " | ".join(f"base accuracy, {b}" for b in BACKENDS) + " |", "|---:|" + "---:|" * len(BACKENDS)]
+    signs = {b: {seed: sign_of(r) for seed, r in by[b].items()} for b in BACKENDS}
+    summary["overall"] = {b: {v: list(found.values()).count(v) for v in sorted(set(found.values()))} for b, found in signs.items()}
+    summary["helps"] = [{"backend": b, "seed": seed, "base_accuracy": by[b][seed]["base"]["accuracy"],
+                         "lora_on_accuracy": by[b][seed]["lora_on"]["accuracy"], "mcnemar_p": by[b][seed]["mcnemar_on_vs_off"]["p_value"]}
+                        for b in BACKENDS for seed, sign in signs[b].items() if sign == "helps"]
+    lines += ["LoRA on, overall (McNemar at p < 0.05): " + "; ".join(
+        f"{b}: " + ", ".join(f"{v} on {n}" for v, n in summary["overall"][b].items()) for b in BACKENDS) + ".", "",
+        "| seed | " + " | ".join(f"base accuracy, {b} | LoRA on, {b}" for b in BACKENDS) + " |", "|---:|" + "---:|---|" * len(BACKENDS)]
     for seed in sorted({r["seed"] for r in runs}):
-        lines.append(f"| {seed} | " + " | ".join(f"{by[b][seed]['base']['accuracy']:.4f}" if seed in by[b] else "–" for b in BACKENDS) + " |")
+        lines.append(f"| {seed} | " + " | ".join(f"{by[b][seed]['base']['accuracy']:.4f} | {signs[b][seed]}" if seed in by[b] else "– | –"
+                                                 for b in BACKENDS) + " |")
     return Section([*lines, ""], summary)
 
 

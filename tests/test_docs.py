@@ -54,3 +54,16 @@ def test_the_readmes_headline_over_seeds_is_the_committed_experiments():
     assert f"three epochs (seed {long['seed']}: {long['base_accuracy']:.4f})" in text and long["epochs"] == 3
     assert f"({long['lora_on_accuracy']:.4f} with LoRA on; McNemar p = {long['mcnemar_p']:.3f})" in text
     assert "the change is not significant" in text and long["overall"] == "no significant change"
+
+
+def test_the_readmes_sentence_on_the_one_base_where_lora_helps_is_the_committed_experiments():
+    text = " ".join((ROOT / "README.md").read_text().split())
+    backends = json.loads((ROOT / "experiments/metrics.json").read_text())["backends"]
+    torch_signs, helps = backends["overall"]["torch"], backends["helps"]
+    assert backends["verdict"] == "no significant difference" and "does not differ significantly from the default's" in text
+    assert f"hurts on {torch_signs['hurts']}, no significant change on {torch_signs['no significant change']}, and helps on" in text
+    [one] = helps  # the README speaks of exactly one such base
+    assert one["backend"] == "torch" and "The one base of twenty where it helps overall is the weakest" in text
+    assert f"seed {one['seed']} (base {one['base_accuracy']:.4f} → {one['lora_on_accuracy']:.4f}, McNemar p = {one['mcnemar_p']:.3g})" in text
+    results = [json.loads(path.read_text()) for path in (ROOT / "experiments/results/backends").glob("*.json")]
+    assert len(results) == 20 and min(r["base"]["accuracy"] for r in results) == one["base_accuracy"]
