@@ -1,0 +1,98 @@
+"""Benchmark: where a sweep point's wall time goes, from DVC's own timestamped log (`dvc exp run -v`).
+
+    python -m bench.sweep_point                       # prints the breakdown
+    python -m bench.sweep_point --write docs/performance.md
+
+In a temporary git repo of this checkout (pretraining capped, as a sweep's points restore it from DVC's run cache
+anyway), each point is `dvc exp run --temp -v dvc.yaml -S lora.rank=R`, the command flows.sweep runs per point.
+Its log splits the wall time into phases: DVC starting and stashing the experiment, the temporary workspace,
+each stage that runs (its process, imports included), and the rest (DVC checking the skipped stages, committing
+the experiment, cleaning up). Then `python -m flows.sweep` runs four points with --jobs 2, for the time a point
+costs through the flow (its temporary Prefect server included).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+from bench import Output
+from bench.pipeline import RAW, pipeline_repo
+
+STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def phases(log: str) -> dict[str, float]:
+    """Seconds per phase of one `dvc exp run -v` log."""
+    last, marks, stages = None, {}, {}
+    for line in log.splitlines():
+        if found := STAMP.match(line):
+            last = datetime.strptime(found[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            marks.setdefault("start", last)
+            if "Stashed experiment" in line:
+                marks["stashed"] = last
+            elif "Running repro in" in line:
+                marks["workspace"] = last
+            elif stage := re.search(r"stage: '([^']+)' was reproduced", line):
+                stages[stage[1]] = (stages[stage[1]][0], last)
+        elif stage := re.match(r"Running stage '([^']+)'", line):
+            stages[stage[1]] = (last, last)
+        marks["end"] = last
+    found = {"DVC start, params set, experiment stashed": marks["stashed"] - marks["start"],
+             "temporary workspace made": marks["workspace"] - marks["stashed"]}
+    found.update({f"stage {name} (DVC checks it, runs its process, saves its outputs)": end - begin for name, (begin, end) in stages.items()})
+    found["the rest: skipped stages checked, experiment committed, cleanup"] = (
+        marks["end"] - marks["start"] - sum(found.values()))
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", type=int, default=3, help="points timed one by one (default 3)")
+    parser.add_argument("--write", metavar="PAGE", help="also write the output into PAGE between its bench.sweep_point markers")
+    args = parser.parse_args()
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", MNIST_SOURCE_DIR=str(RAW),
+               DVC_NO_ANALYTICS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@lora-mnist.invalid",
+               GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="bench@lora-mnist.invalid")
+    emit = Output()
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        repo = pipeline_repo(Path(tmp), 300, env)
+        env["PREFECT_HOME"] = str(Path(tmp) / "prefect")
+        for command in (["dvc", "repro"], ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
+            subprocess.run(command, cwd=repo, env=env, check=True, capture_output=True)
+        runs, walls = [], []
+        for rank in range(2, 2 + args.points):
+            started = time.perf_counter()
+            result = subprocess.run(["dvc", "exp", "run", "--temp", "-v", "dvc.yaml", "-S", f"lora.rank={rank}"], cwd=repo,
+                                    env=env, capture_output=True, text=True, check=True)
+            walls.append(time.perf_counter() - started)
+            runs.append(phases(result.stdout + result.stderr))
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "flows.sweep", "-S", "lora.rank=11,12,13,14", "--jobs", "2"], cwd=repo,
+                       env=env, capture_output=True, check=True)
+        flow_seconds = time.perf_counter() - started
+    emit(f"{os.cpu_count()} cores; medians over {len(runs)} points, one at a time; the repo holds experiments/ too, "
+         "whose dvc.lock every DVC command reads")
+    emit()
+    emit("| phase of one `dvc exp run --temp` point | seconds |")
+    emit("|---|---:|")
+    for phase in runs[0]:
+        emit(f"| {phase} | {statistics.median(run.get(phase, 0.0) for run in runs):.1f} |")
+    emit(f"| **wall, one point** | **{statistics.median(walls):.1f}** |")
+    emit()
+    emit(f"`python -m flows.sweep -S lora.rank=11,12,13,14 --jobs 2`: {flow_seconds:.1f} s, {flow_seconds / 4:.1f} s a point "
+         "(its temporary Prefect server included)")
+    if args.write:
+        emit.write_into(args.write, "bench.sweep_point")
+
+
+if __name__ == "__main__":
+    main()
