@@ -137,6 +137,13 @@ def project_kernels(pretrain_steps: int, repeats: int, device: torch.device) -> 
     return seconds, accuracy
 
 
+def bench_env(**extra: str) -> dict[str, str]:
+    """The environment of the benchmarks' commands: this venv first on PATH, this checkout's MNIST, a git identity."""
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", MNIST_SOURCE_DIR=str(RAW),
+                GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@lora-mnist.invalid",
+                GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="bench@lora-mnist.invalid", **extra)
+
+
 def pipeline_repo(tmp: Path, pretrain_steps: int | None, env: dict[str, str]) -> Path:
     import yaml
 
@@ -197,9 +204,7 @@ def main() -> None:
     except DeviceError as exc:
         parser.error(str(exc))
     steps = args.pretrain_steps or 6000
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", MNIST_SOURCE_DIR=str(RAW),
-               GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@lora-mnist.invalid",
-               GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="bench@lora-mnist.invalid")
+    env = bench_env()
 
     seed_cmd = [sys.executable, "-m", "bench.seed_notebook", "--raw-dir", str(RAW), "--device", str(device)]
     if args.pretrain_steps:

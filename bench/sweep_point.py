@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bench import Output
-from bench.pipeline import RAW, pipeline_repo
+from bench.pipeline import bench_env, pipeline_repo
 
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
@@ -58,10 +58,7 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=3, help="points timed one by one (default 3)")
     parser.add_argument("--write", metavar="PAGE", help="also write the output into PAGE between its bench.sweep_point markers")
     args = parser.parse_args()
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", MNIST_SOURCE_DIR=str(RAW),
-               DVC_NO_ANALYTICS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@lora-mnist.invalid",
-               GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="bench@lora-mnist.invalid")
+    env = bench_env(DVC_NO_ANALYTICS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
     emit = Output()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         repo = pipeline_repo(Path(tmp), 300, env)

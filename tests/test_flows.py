@@ -81,11 +81,16 @@ def prefect_server():
 @pytest.fixture
 def flow_repo(pipeline_repo: Path, prefect_server, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A short-schedule git repo of the main pipeline as the working directory of in-process flow runs."""
+    use_run_env(monkeypatch)
+    monkeypatch.chdir(pipeline_repo)
+    return pipeline_repo
+
+
+def use_run_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's git identity, PATH and MNIST as run_env gives them to the commands of a test repo."""
     for key, value in run_env().items():
         if key.startswith("GIT_") or key in ("MNIST_SOURCE_DIR", "PATH"):
             monkeypatch.setenv(key, value)
-    monkeypatch.chdir(pipeline_repo)
-    return pipeline_repo
 
 
 def ran(result: dict) -> dict[str, str]:
@@ -193,9 +198,7 @@ def test_the_gpu_hand_off_refuses_a_file_returned_as_a_directory_and_a_listing_t
 
     repo = pipeline_repo
     monkeypatch.chdir(repo)
-    for key, value in run_env().items():
-        if key.startswith("GIT_") or key == "PATH":
-            monkeypatch.setenv(key, value)
+    use_run_env(monkeypatch)
     commit = sh(repo, "git", "rev-parse", "HEAD").strip()
     (repo / "models" / "adapter").mkdir(parents=True)
     (repo / "models" / "adapter" / "keep.txt").write_text("the workspace's own")
