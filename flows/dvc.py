@@ -24,22 +24,23 @@ class CommandFailed(RuntimeError):
     """A DVC or git command failed; the message carries its first error line."""
 
 
-def _run(program: list[str], args: tuple[str, ...], cwd: Path | None) -> str:
+def _run(name: str, program: list[str], args: tuple[str, ...], cwd: Path | None) -> str:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     result = subprocess.run([*program, *args], capture_output=True, text=True, env=env, cwd=cwd)
     if result.returncode != 0:
         lines = [line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip()]
         errors = [line for line in lines if line.lower().startswith(("error:", "fatal:"))]
-        raise CommandFailed(f"{program[-1]} {' '.join(args)} failed: {(errors or lines or ['no output'])[0]}")
+        raise CommandFailed(f"{name} {' '.join(args)} failed: {(errors or lines or ['no output'])[0]}")
     return result.stdout
 
 
 def dvc(*args: str, cwd: Path | None = None) -> str:
-    return _run([sys.executable, "-m", "dvc"], args, cwd)
+    # Concurrent points each take the repo's lock for a few seconds; DVC's own retries give up after 3 s.
+    return _run("dvc", [sys.executable, "-m", "dvc", "--wait-for-lock"], args, cwd)
 
 
 def git(*args: str, cwd: Path | None = None) -> str:
-    return _run(["git"], args, cwd)
+    return _run("git", ["git"], args, cwd)
 
 
 def stage_order(cwd: Path | None = None) -> list[str]:
