@@ -8,6 +8,7 @@ group without results is named as not run instead of failing the report.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,20 +59,17 @@ def digit_errors(run: dict[str, Any], key: str = "lora_on") -> int:
     return errors_of(run[key]["errors_per_digit"], run["digit"])
 
 
-def pareto_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The points no other point beats on both fewer target-digit errors and higher accuracy, by errors."""
-    front = [
-        p for p in points
-        if not any(
-            q["digit_errors"] <= p["digit_errors"] and q["accuracy"] >= p["accuracy"]
-            and (q["digit_errors"], q["accuracy"]) != (p["digit_errors"], p["accuracy"])
-            for q in points
-        )
-    ]
+def pareto_front(points: list[dict[str, Any]], prefer: tuple[str, ...] = ("replay_fraction", "scale"),
+                 lower: str = "digit_errors", higher: str = "accuracy") -> list[dict[str, Any]]:
+    """The points no other point beats on both axes (``lower`` is better lower, ``higher`` higher), by ``lower``;
+    of points with the same pair, the one lowest in ``prefer``'s keys."""
+    def beats(q: dict[str, Any], p: dict[str, Any]) -> bool:
+        return q[lower] <= p[lower] and q[higher] >= p[higher] and (q[lower], q[higher]) != (p[lower], p[higher])
+
     unique: dict[tuple[Any, Any], dict[str, Any]] = {}
-    for p in sorted(front, key=lambda p: (p["replay_fraction"], p["scale"])):
-        unique.setdefault((p["digit_errors"], p["accuracy"]), p)  # of a tied pair, the lowest replay, then scale
-    return sorted(unique.values(), key=lambda p: p["digit_errors"])
+    for p in sorted((p for p in points if not any(beats(q, p) for q in points)), key=lambda p: tuple(p[k] for k in prefer)):
+        unique.setdefault((p[lower], p[higher]), p)
+    return sorted(unique.values(), key=lambda p: p[lower])
 
 
 def frontier_points(replay_runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -340,6 +338,85 @@ def full_finetune(runs: list[dict[str, Any]]) -> Section:
     return Section(lines + [""], summary)
 
 
+METHODS = {"lora_alpha_fixed": "LoRA, alpha fixed", "lora_alpha_over_rank": "LoRA, alpha/rank fixed",
+           "full": "full fine-tuning"}
+
+
+def learning_rates(runs: list[dict[str, Any]]) -> Section:
+    """Learning (target-digit errors removed) against forgetting (other digits' errors added) over learning rates:
+    each method's frontier drawn on validation, its points' test numbers beside them."""
+    result = runs[0]
+    base, digit = result["base"], result["digit"]
+
+    def moved(point: dict[str, Any], split: str) -> dict[str, Any]:
+        return {"learned": base[split]["digit_errors"] - point[split]["digit_errors"],
+                "forgot": point[split]["other_errors"] - base[split]["other_errors"]}
+
+    points = [{**p, "rank_or_0": p["rank"] or 0, **moved(p, "validation")} for p in result["points"]]
+    fronts = {m: sorted(pareto_front([p for p in points if p["method"] == m], prefer=("lr", "rank_or_0"), lower="forgot",
+                                     higher="learned"), key=lambda p: -p["learned"]) for m in METHODS}
+    table = [["method", "rank", "alpha", "lr", "validation_learned", "validation_forgot", "test_learned", "test_forgot"]] + [
+        [p["method"], p["rank"] or "", p["alpha"] or "", p["lr"], p["learned"], p["forgot"], *moved(p, "test").values()]
+        for p in points]
+
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
+    for method, label in METHODS.items():
+        mine = [p for p in points if p["method"] == method]
+        dots = ax.scatter([p["forgot"] for p in mine], [p["learned"] for p in mine], s=14, alpha=0.5)
+        ax.plot([p["forgot"] for p in fronts[method]], [p["learned"] for p in fronts[method]], marker="o",
+                color=dots.get_facecolor()[0], label=f"{label} (frontier)")
+    ax.set_xscale("symlog", linthresh=10)
+    ax.set_xlabel("other digits' validation errors added (forgetting, symlog)")
+    ax.set_ylabel("target-digit validation errors removed (learning)")
+    ax.set_title(f"Learning against forgetting over learning rates, digit {digit}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+
+    lrs = sorted({p["lr"] for p in points})
+    ranks = sorted({p["rank"] for p in points if p["rank"]})
+    lines = [
+        "## Learning against forgetting, across learning rates",
+        "",
+        f"As Biderman et al. 2024 compare them: LoRA at ranks {', '.join(map(str, ranks))} with alpha fixed and with "
+        f"alpha/rank fixed, and full fine-tuning, each at learning rates {', '.join(f'{lr:g}' for lr in lrs)}: "
+        f"{len(points)} runs from the main pipeline's base on digit {digit}'s images, {result['steps']} Adam steps, seed "
+        f"{result['seed']}. Learning is the target digit's errors removed, forgetting the other digits' errors added "
+        f"(validation base: {base['validation']['digit_errors']} and {base['validation']['other_errors']}). One base "
+        "and one fine-tuning seed: the frontiers describe this run, they are not a claim about bases in general.",
+        "",
+        "![learning rates](plots/learning_rates.png)",
+        "",
+        "Each method's frontier on validation (a run is on it unless another run of the method learned at least as "
+        "much and forgot at most as much, and differs in one; of tied runs, the lowest learning rate, then rank), "
+        "with the same runs' test numbers:",
+        "",
+        "| method | rank | alpha | learning rate | learned (val) | forgot (val) | learned (test) | forgot (test) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *(f"| {METHODS[p['method']]} | {p['rank'] or '–'} | {_fmt(p['alpha']) if p['alpha'] else '–'} | {p['lr']:g} | "
+          f"{p['learned']} | {p['forgot']} | {moved(p, 'test')['learned']} | {moved(p, 'test')['forgot']} |"
+          for method in METHODS for p in fronts[method]),
+        "",
+    ]
+    target = base["validation"]["digit_errors"]
+    lines += [f"The least forgetting (validation) of each method's runs that removed at least a share of the {target} "
+              "target errors:", "", "| removed at least | " + " | ".join(METHODS.values()) + " |",
+              "|---|" + "---:|" * len(METHODS)]
+    for share in (0.5, 0.8, 0.9):
+        least = {m: min((p["forgot"] for p in points if p["method"] == m and p["learned"] >= share * target), default=None)
+                 for m in METHODS}
+        lines.append(f"| {share:.0%} ({math.ceil(share * target)}) | "
+                     + " | ".join("–" if v is None else str(v) for v in least.values()) + " |")
+    lines.append("")
+    most = {m: max(fronts[m], key=lambda p: (p["learned"], -p["forgot"])) for m in METHODS}
+    where = {m: f"learning rate {p['lr']:g}" + (f", rank {p['rank']}" if p["rank"] else "") for m, p in most.items()}
+    lines += ["Most learning on validation per method: " + "; ".join(
+        f"{METHODS[m]} {p['learned']} errors removed for {p['forgot']} added ({where[m]})" for m, p in most.items()) + ".", ""]
+    summary = {m: {"frontier_points": len(fronts[m]), "most_learned_validation": most[m]["learned"],
+                   "its_forgetting_validation": most[m]["forgot"], "its_lr": most[m]["lr"], "its_rank": most[m]["rank"]}
+               for m in METHODS}
+    return Section(lines, summary, {"learning_rates": table}, {"learning_rates": fig})
+
+
 def digit_adapters(runs: list[dict[str, Any]]) -> Section:
     runs = sorted(runs, key=lambda r: r["digit"])
     digits = range(10)
@@ -486,6 +563,7 @@ SECTIONS: dict[str, Callable[[list[dict[str, Any]]], Section]] = {
     "backends": backends,
     "replay_sweep": replay_sweep,
     "full_finetune": full_finetune,
+    "learning_rates": learning_rates,
     "digit_adapters": digit_adapters,
     "compose": compose,
 }

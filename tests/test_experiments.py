@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from lora_mnist.mlp import OversizedMLP
 from lora_mnist import report
 from lora_mnist.params import load_params
 from lora_mnist.paths import BASE_WEIGHTS
-from stages import full_finetune, pretrain, trial
+from stages import full_finetune, learning_rates, pretrain, trial
 from tests.helpers import HARD_DIGIT, run_env, set_params, sh
 
 
@@ -103,6 +104,42 @@ def test_full_finetune_trains_every_weight_while_lora_keeps_optimizer_and_file_s
     assert result["digit"] == HARD_DIGIT and file_sha256(BASE_WEIGHTS) == base_hash
 
 
+def test_learning_rates_trains_every_method_at_every_rate_from_the_same_base_and_scores_both_splits(project):
+    pretrain.run(load_params())
+    base_hash = file_sha256(BASE_WEIGHTS)
+    result = learning_rates.run(["finetune.lr=0.001,0.01", "lora.rank=1,2"])
+
+    assert json.loads((project / "experiments/results/learning_rates.json").read_text()) == json.loads(json.dumps(result))
+    grid = [(p["method"], p["rank"], p["alpha"], p["lr"]) for p in result["points"]]
+    assert grid == [(method, rank, alpha, lr) for lr in (0.001, 0.01) for method, rank, alpha in
+                    [("lora_alpha_fixed", 1, 1), ("lora_alpha_fixed", 2, 1), ("lora_alpha_over_rank", 1, 1),
+                     ("lora_alpha_over_rank", 2, 2), ("full", None, None)]]
+    total = sum(p.numel() for p in OversizedMLP(hidden_1=64, hidden_2=32).parameters())
+    assert [p["trainable_parameters"] for p in result["points"][:5]] == [986, 2 * 986, 986, 2 * 986, total]
+    assert result["digit"] == HARD_DIGIT and file_sha256(BASE_WEIGHTS) == base_hash
+    same_config = [p for p in result["points"] if p["rank"] == 1 and p["lr"] == 0.01]  # alpha 1 at rank 1, both ways
+    assert same_config[0]["validation"] == same_config[1]["validation"] and same_config[0]["test"] == same_config[1]["test"]
+    for point in result["points"]:
+        for split in ("validation", "test"):
+            assert point[split].keys() == result["base"][split].keys() == {"digit_errors", "other_errors", "accuracy"}
+    learned = [result["base"]["validation"]["digit_errors"] - p["validation"]["digit_errors"] for p in result["points"]]
+    assert max(learned) > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["finetune.lr=0.001"], "['lora.rank'] not given"),
+    (["finetune.lr=0.001", "lora.rank=1", "lora.alpha=2"], "argument 'lora.alpha=2' is invalid"),
+    (["finetune.lr=-1", "lora.rank=1"], "finetune.lr=-1"),
+])
+def test_learning_rates_refuses_a_bad_grid_in_one_line_and_writes_nothing(project, capsys, monkeypatch, args, message):
+    monkeypatch.setattr(sys, "argv", ["stages.learning_rates", *args])
+    with pytest.raises(SystemExit) as exit_status:
+        learning_rates.main()
+    stderr = capsys.readouterr().err
+    assert exit_status.value.code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (project / "experiments").exists()
+
+
 def test_pareto_front_keeps_only_points_no_other_point_beats_on_both_axes():
     def point(errors, accuracy, scale):
         return {"digit_errors": errors, "accuracy": accuracy, "scale": scale, "replay_fraction": 0.0, "other_errors": 0}
@@ -160,6 +197,22 @@ def write_fixture_results(root: Path) -> None:
         "full": {**row, "trainable_parameters": 1000, "errors_per_digit": per_digit([9, 0] + [20] * 8)},
     }))
     (results / "compose.json").write_text(json.dumps(compose_result(base, {"cat, each 1": [4, 20, 6] + [4] * 7})))
+    (results / "learning_rates.json").write_text(json.dumps(learning_rates_result()))
+
+
+def learning_rates_result() -> dict:
+    """A learning_rates stage result: base 50 target and 45 other errors (of 1000) on both splits; test = validation + 1."""
+    def point(method, rank, alpha, lr, digit_errors, other_errors):
+        scores = {"digit_errors": digit_errors, "other_errors": other_errors, "accuracy": 1 - (digit_errors + other_errors) / 1000}
+        test = {"digit_errors": digit_errors + 1, "other_errors": other_errors + 1, "accuracy": scores["accuracy"] - 0.002}
+        return {"method": method, "rank": rank, "alpha": alpha, "lr": lr, "trainable_parameters": 1, "loss_last_10": 0.1,
+                "validation": scores, "test": test}
+    base = {"digit_errors": 50, "other_errors": 45, "accuracy": 0.905}
+    return {"digit": 1, "steps": 100, "seed": 0, "base": {"validation": base, "test": base},
+            "points": [point("lora_alpha_fixed", 1, 1, 0.001, 30, 46), point("lora_alpha_fixed", 4, 1, 0.001, 20, 50),
+                       point("lora_alpha_fixed", 4, 1, 0.01, 25, 60),  # beaten by rank 4 at 0.001 on both
+                       point("lora_alpha_over_rank", 4, 4, 0.001, 10, 70),
+                       point("full", None, None, 0.001, 5, 100), point("full", None, None, 0.01, 5, 100)]}  # a tie
 
 
 def compose_result(base: list[int], combined: dict[str, list[int]]) -> dict:
@@ -182,7 +235,8 @@ def test_report_builds_every_section_from_small_fixture_results(tmp_path, monkey
     text = (tmp_path / "experiments/report.md").read_text()
     for heading in ("## Rank sweep", "## The headline over seeds", "## A longer-trained base",
                     "## Does the fast path train the same model?", "## Forgetting and how to trade it",
-                    "## LoRA against full fine-tuning", "## One adapter per digit", "## Ten adapters, one base"):
+                    "## LoRA against full fine-tuning", "## Learning against forgetting, across learning rates",
+                    "## One adapter per digit", "## Ten adapters, one base"):
         assert heading in text
     assert "Not run" not in text
     # seeds: base accuracy 1 - 95/1000 and 1 - 85/1000; target errors 50 and 40 -> 10 and 6
@@ -203,6 +257,14 @@ def test_report_builds_every_section_from_small_fixture_results(tmp_path, monkey
     assert summary["replay_sweep"]["frontier"] == {"points": 2, "max_accuracy": 0.935}
     assert summary["replay_sweep"]["points"]["replay-0.1"] == {"digit_errors": 12, "other_errors": 53, "accuracy": 0.935}
     assert summary["full_finetune"]["full"] == {"digit_errors": 0, "accuracy": 0.9}
+    # learning rates: each method's validation frontier; test numbers are validation's plus one error each
+    assert ("| LoRA, alpha fixed | 4 | 1 | 0.001 | 30 | 5 | 29 | 6 |\n| LoRA, alpha fixed | 1 | 1 | 0.001 | 20 | 1 | 19 | 2 |\n"
+            "| LoRA, alpha/rank fixed | 4 | 4 | 0.001 | 40 | 25 | 39 | 26 |\n| full fine-tuning | – | – | 0.001 | 45 | 55 | 44 | 56 |\n") in text
+    assert summary["learning_rates"]["full"] == {"frontier_points": 1, "most_learned_validation": 45,
+                                                 "its_forgetting_validation": 55, "its_lr": 0.001, "its_rank": None}
+    assert summary["learning_rates"]["lora_alpha_fixed"]["frontier_points"] == 2
+    # least forgetting among runs removing >= 50% (25), 80% (40) and 90% (45) of the 50 target errors
+    assert "| 50% (25) | 5 | 25 | 55 |\n| 80% (40) | – | 25 | 55 |\n| 90% (45) | – | – | 55 |\n" in text
     assert summary["rank_sweep"]["r4-a1"] == {"digit_errors": 2, "accuracy": 0.944}
     assert summary["digit_adapters"]["digit-1"] == {"digit_errors_change": -49, "accuracy": 0.954}
     assert "| 4 | 4 | 1 | 6,794 | 27.1 KiB | 2 | 54 | 0.9440 |" in text
@@ -213,7 +275,7 @@ def test_report_builds_every_section_from_small_fixture_results(tmp_path, monkey
            "the ten digits, at accuracy 0.9420 against the base's 0.9050." in text
     assert "| cat, each 1 | combination | 0.9420 | 1 | 9 | 4 | 20 | 6 | 4 | 4 | 4 | 4 | 4 | 4 | 4 | 1.0 KiB | 2.00 |" in text
     assert summary["compose"]["random cat, each 1"] == {"accuracy": 0.91, "digits_worse": 9}
-    for name in ("rank_sweep", "frontier", "digit_adapters", "compose"):
+    for name in ("rank_sweep", "frontier", "learning_rates", "digit_adapters", "compose"):
         assert (tmp_path / f"experiments/plots/{name}.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "experiments/plots/rank_sweep.csv").read_text().splitlines()[0] == (
         "rank,digit_errors_alpha1,digit_errors_alpha4,accuracy_alpha1,accuracy_alpha4"
@@ -307,6 +369,6 @@ def test_experiment_stages_run_on_real_mnist_and_the_report_builds_from_them(git
     assert long["adapter_file_bytes"] < 30_000 and long["mcnemar_on_vs_off"]["p_value"] <= 1
     text = (git_repo / "experiments/report.md").read_text()
     assert "## A longer-trained base" in text and "## LoRA against full fine-tuning" in text
-    assert "No results yet for: rank_sweep, seeds, backends, replay_sweep, digit_adapters, compose." in text
+    assert "No results yet for: rank_sweep, seeds, backends, replay_sweep, learning_rates, digit_adapters, compose." in text
     status = sh(git_repo, "dvc", "status", *(f"experiments/dvc.yaml:{stage}" for stage in stages))
     assert "up to date" in status
