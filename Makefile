@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 dvc repro
 
-# The experiments of experiments/dvc.yaml (rank sweep, seeds, replay, full fine-tuning, an adapter per digit) and their report.
+# The experiments of experiments/dvc.yaml (rank sweep, seeds, backends, replay, full fine-tuning, learning rates, an adapter per digit, composition) and their report.
 experiments: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro experiments/dvc.yaml
 

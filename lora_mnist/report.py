@@ -377,8 +377,10 @@ def learning_rates(runs: list[dict[str, Any]]) -> Section:
     lines = [
         "## Learning against forgetting, across learning rates",
         "",
-        f"As Biderman et al. 2024 compare them: LoRA at ranks {', '.join(map(str, ranks))} with alpha fixed and with "
-        f"alpha/rank fixed, and full fine-tuning, each at learning rates {', '.join(f'{lr:g}' for lr in lrs)}: "
+        f"As Biderman et al. 2024 compare them: LoRA at ranks {', '.join(map(str, ranks))} with alpha fixed (at "
+        f"{_fmt(result['alpha_fixed'])}) and with alpha/rank fixed (at {_fmt(result['alpha_over_rank'])}; the two are one "
+        f"setting where rank × {_fmt(result['alpha_over_rank'])} = {_fmt(result['alpha_fixed'])}), and full fine-tuning, "
+        f"each at learning rates {', '.join(f'{lr:g}' for lr in lrs)}: "
         f"{len(points)} runs from the main pipeline's base on digit {digit}'s images, {result['steps']} Adam steps, seed "
         f"{result['seed']}. Learning is the target digit's errors removed, forgetting the other digits' errors added "
         f"(validation base: {base['validation']['digit_errors']} and {base['validation']['other_errors']}). One base "

@@ -44,6 +44,8 @@ def grid(args: list[str]) -> dict[str, list[Any]]:
         key, values, _ = parse_override(arg)
         if key not in GRID_KEYS or key in found:
             raise ParamsError(f"argument {arg!r} is invalid: {' and '.join(GRID_KEYS)}, each once, are allowed")
+        if len(set(map(repr, values))) < len(values):
+            raise ParamsError(f"argument {arg!r} repeats a value: each value once is allowed")
         found[key] = values
     if missing := [key for key in GRID_KEYS if key not in found]:
         raise ParamsError(f"{missing} not given: python -m stages.learning_rates finetune.lr=V1,V2 lora.rank=R1,R2")
@@ -52,6 +54,9 @@ def grid(args: list[str]) -> dict[str, list[Any]]:
 
 def methods(params: Params, ranks: list[Any]) -> list[tuple[str, dict[str, Any]]]:
     """Each method's overrides, besides the learning rate: (name, {key: value})."""
+    if params.lora.use_rslora:
+        raise ParamsError("lora.use_rslora=true is invalid here: alpha/rank fixed holds the scale fixed only with "
+                          "use_rslora false (rsLoRA scales by alpha/sqrt(rank))")
     ratio = params.lora.alpha / params.lora.r
     return [*(("lora_alpha_fixed", {"lora.rank": r, "lora.alpha": params.lora.alpha}) for r in ranks),
             *(("lora_alpha_over_rank", {"lora.rank": r, "lora.alpha": r * ratio}) for r in ranks),
@@ -103,7 +108,8 @@ def run(args: list[str]) -> dict[str, Any]:
         print(f"learning_rates {method} {overrides}: validation digit errors {base_scores['validation']['digit_errors']} -> "
               f"{rows[-1]['validation']['digit_errors']}, other digits {base_scores['validation']['other_errors']} -> "
               f"{rows[-1]['validation']['other_errors']}")
-    result = {"digit": digit, "steps": defaults.finetune.steps, "seed": defaults.seed, "base": base_scores, "points": rows}
+    result = {"digit": digit, "steps": defaults.finetune.steps, "seed": defaults.seed, "alpha_fixed": defaults.lora.alpha,
+              "alpha_over_rank": defaults.lora.alpha / defaults.lora.r, "base": base_scores, "points": rows}
     write_json(RESULT, result)
     return result
 

@@ -106,19 +106,21 @@ def test_full_finetune_trains_every_weight_while_lora_keeps_optimizer_and_file_s
 
 def test_learning_rates_trains_every_method_at_every_rate_from_the_same_base_and_scores_both_splits(project):
     pretrain.run(load_params())
-    base_hash = file_sha256(BASE_WEIGHTS)
+    set_params(project / "params.yaml", **{"lora.rank": 2, "lora.alpha": 4})  # alpha fixed at 4, alpha/rank at 2
     result = learning_rates.run(["finetune.lr=0.001,0.01", "lora.rank=1,2"])
 
     assert json.loads((project / "experiments/results/learning_rates.json").read_text()) == json.loads(json.dumps(result))
     grid = [(p["method"], p["rank"], p["alpha"], p["lr"]) for p in result["points"]]
     assert grid == [(method, rank, alpha, lr) for lr in (0.001, 0.01) for method, rank, alpha in
-                    [("lora_alpha_fixed", 1, 1), ("lora_alpha_fixed", 2, 1), ("lora_alpha_over_rank", 1, 1),
-                     ("lora_alpha_over_rank", 2, 2), ("full", None, None)]]
+                    [("lora_alpha_fixed", 1, 4), ("lora_alpha_fixed", 2, 4), ("lora_alpha_over_rank", 1, 2),
+                     ("lora_alpha_over_rank", 2, 4), ("full", None, None)]]
+    assert (result["alpha_fixed"], result["alpha_over_rank"]) == (4, 2)
     total = sum(p.numel() for p in OversizedMLP(hidden_1=64, hidden_2=32).parameters())
     assert [p["trainable_parameters"] for p in result["points"][:5]] == [986, 2 * 986, 986, 2 * 986, total]
-    assert result["digit"] == HARD_DIGIT and file_sha256(BASE_WEIGHTS) == base_hash
-    same_config = [p for p in result["points"] if p["rank"] == 1 and p["lr"] == 0.01]  # alpha 1 at rank 1, both ways
+    assert result["digit"] == HARD_DIGIT
+    same_config = [p for p in result["points"] if p["rank"] == 2 and p["lr"] == 0.01]  # alpha 4 at rank 2, both ways
     assert same_config[0]["validation"] == same_config[1]["validation"] and same_config[0]["test"] == same_config[1]["test"]
+    assert sum(p["validation"] != p["test"] for p in result["points"]) > 0  # the splits are scored apart
     for point in result["points"]:
         for split in ("validation", "test"):
             assert point[split].keys() == result["base"][split].keys() == {"digit_errors", "other_errors", "accuracy"}
@@ -130,8 +132,10 @@ def test_learning_rates_trains_every_method_at_every_rate_from_the_same_base_and
     (["finetune.lr=0.001"], "['lora.rank'] not given"),
     (["finetune.lr=0.001", "lora.rank=1", "lora.alpha=2"], "argument 'lora.alpha=2' is invalid"),
     (["finetune.lr=-1", "lora.rank=1"], "finetune.lr=-1"),
+    (["finetune.lr=0.001", "lora.rank=4,4"], "argument 'lora.rank=4,4' repeats a value"),
 ])
 def test_learning_rates_refuses_a_bad_grid_in_one_line_and_writes_nothing(project, capsys, monkeypatch, args, message):
+    pretrain.run(load_params())  # everything a run needs is there: the refusal comes first
     monkeypatch.setattr(sys, "argv", ["stages.learning_rates", *args])
     with pytest.raises(SystemExit) as exit_status:
         learning_rates.main()
@@ -148,6 +152,10 @@ def test_pareto_front_keeps_only_points_no_other_point_beats_on_both_axes():
     assert [(p["digit_errors"], p["accuracy"]) for p in report.pareto_front(points)] == [(10, 0.94), (20, 0.95)]
     tied = [point(10, 0.94, 0.9), point(10, 0.94, 0.8), {**point(10, 0.94, 0.1), "replay_fraction": 0.2}]
     assert [p["scale"] for p in report.pareto_front(tied)] == [0.8]  # the lowest replay fraction, then scale
+    runs = [{"forgot": 5, "learned": 10, "lr": 0.01, "rank_or_0": 1}, {"forgot": 5, "learned": 10, "lr": 0.001, "rank_or_0": 4},
+            {"forgot": 5, "learned": 10, "lr": 0.001, "rank_or_0": 2}, {"forgot": 6, "learned": 9, "lr": 0.1, "rank_or_0": 1},
+            {"forgot": 9, "learned": 12, "lr": 0.1, "rank_or_0": 1}]  # less forgetting is better here, more learning too
+    assert report.pareto_front(runs, prefer=("lr", "rank_or_0"), lower="forgot", higher="learned") == [runs[2], runs[4]]
 
 
 def trial_result(digit: int, base: list[int], on: list[int], **fields) -> dict:
@@ -208,7 +216,7 @@ def learning_rates_result() -> dict:
         return {"method": method, "rank": rank, "alpha": alpha, "lr": lr, "trainable_parameters": 1, "loss_last_10": 0.1,
                 "validation": scores, "test": test}
     base = {"digit_errors": 50, "other_errors": 45, "accuracy": 0.905}
-    return {"digit": 1, "steps": 100, "seed": 0, "base": {"validation": base, "test": base},
+    return {"digit": 1, "steps": 100, "seed": 0, "alpha_fixed": 1, "alpha_over_rank": 1, "base": {"validation": base, "test": base},
             "points": [point("lora_alpha_fixed", 1, 1, 0.001, 30, 46), point("lora_alpha_fixed", 4, 1, 0.001, 20, 50),
                        point("lora_alpha_fixed", 4, 1, 0.01, 25, 60),  # beaten by rank 4 at 0.001 on both
                        point("lora_alpha_over_rank", 4, 4, 0.001, 10, 70),
