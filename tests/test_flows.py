@@ -222,3 +222,23 @@ def test_the_gpu_hand_off_refuses_a_file_returned_as_a_directory_and_a_listing_t
             check_experiment(name, commit)
     assert [p.name for p in (repo / "models" / "adapter").iterdir()] == ["keep.txt"]
     assert sh(repo, "git", "status", "--porcelain", "--untracked-files=no") == ""
+
+
+@pytest.mark.slow
+def test_a_flows_dvc_command_waits_for_the_repository_lock_another_process_holds(tmp_path):
+    import threading
+    import time
+
+    import zc.lockfile
+
+    from flows.dvc import dvc
+
+    sh(tmp_path, "git", "init", "-q")
+    sh(tmp_path, "dvc", "init", "-q")
+    held = zc.lockfile.LockFile(str(tmp_path / ".dvc" / "tmp" / "lock"))  # as a running `dvc repro` holds it
+    plain = subprocess.run(["dvc", "status"], cwd=tmp_path, env=run_env(), capture_output=True, text=True)
+    assert plain.returncode != 0 and "Unable to acquire lock" in plain.stderr  # DVC alone gives up after its retries
+    threading.Timer(5, held.close).start()
+    started = time.monotonic()
+    assert "no data or pipelines tracked" in dvc("status", cwd=tmp_path)
+    assert time.monotonic() - started >= 4
