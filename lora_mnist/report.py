@@ -322,7 +322,7 @@ def full_finetune(runs: list[dict[str, Any]]) -> Section:
         "",
         f"Same images (digit {digit}), {result['steps']} Adam steps, learning rate and seed. Base: "
         f"{errors_of(result['base']['errors_per_digit'], digit)} target errors, accuracy {result['base']['accuracy']:.4f}. "
-        "Step times are the benchmark's (docs/performance.md), not a result of this run.",
+        "Step times are printed by the stage, not written: they are not results.",
         "",
         "| | trainable parameters | optimiser state | file | target errors | other digits' errors | accuracy |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -474,11 +474,11 @@ def control_lines(controls: dict[str, Any] | None) -> list[str]:
         return []
     routings, weightings = controls["random_routing_accuracy"], controls["random_weights_accuracy"]
     return [
-        f"Controls that can win: {controls['draws']} random routings (each image to a uniformly drawn adapter) reach test "
+        f"Random controls: {controls['draws']} random routings (each image to a uniformly drawn adapter) reach test "
         f"accuracy {min(routings):.4f} to {max(routings):.4f}; routing to the base's prediction ({controls['routing_accuracy']:.4f}) "
         f"is at the {controls['routing_percentile']:.0f}th percentile of them. {controls['draws']} random weightings of the ten "
         f"adapters (a linear combination, weights uniform in [0, 1)) reach {min(weightings):.4f} to {max(weightings):.4f}; "
-        f"the weighting learned on validation (LoraHub-style, a gradient-free search from equal weights; validation "
+        f"the weighting learned on validation (LoraHub-style, a gradient-free search from equal weights, the table's linear, each 1/10, and free to leave [0, 1); validation "
         f"accuracy {controls['learned_validation_accuracy']:.4f}) reaches {controls['learned_accuracy']:.4f} on test, the "
         f"{controls['learned_percentile']:.0f}th percentile of the random weightings.",
         "",
