@@ -50,8 +50,8 @@ def git_repo(repo_copy: Path, dvc_cache: Path) -> Path:
 
 @pytest.fixture
 def pipeline_repo(repo_copy: Path, dvc_cache: Path) -> Path:
-    """As git_repo, with the main pipeline alone: experiments/, a second pipeline whose 8,000-line dvc.lock every
-    `dvc` command would parse (about 0.7 s each), is left out of the copy."""
+    """As git_repo, with the main pipeline alone: experiments/, a second pipeline every `dvc` command would also
+    collect, is left out of the copy."""
     shutil.rmtree(repo_copy / "experiments")
     set_params(repo_copy / "params.yaml", **SHORT_SCHEDULE)
     return init_repo(repo_copy, dvc_cache=dvc_cache)
