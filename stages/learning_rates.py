@@ -63,15 +63,18 @@ def methods(params: Params, ranks: list[Any]) -> list[tuple[str, dict[str, Any]]
             ("full", {})]
 
 
-def scores(model: torch.nn.Module, data: dict[str, Any], digit: int, backend: str) -> dict[str, Any]:
+def logits_of(model: torch.nn.Module, data: dict[str, Any], backend: str) -> dict[str, torch.Tensor]:
+    """``model``'s logits on the validation and the test images."""
+    return {split: require_finite(predict(model, data[split][0], backend), RESULT) for split in ("validation", "test")}
+
+
+def scores(logits: dict[str, torch.Tensor], data: dict[str, Any], digit: int) -> dict[str, Any]:
     """Per split: the target digit's errors, the other digits' errors and accuracy."""
     found = {}
-    for split in ("validation", "test"):
-        images, labels = data[split]
-        errors = summarize(labels, require_finite(predict(model, images, backend), RESULT))
-        per_digit = errors["errors_per_digit"]
-        found[split] = {"digit_errors": per_digit[digit], "other_errors": sum(per_digit) - per_digit[digit],
-                        "accuracy": errors["accuracy"]}
+    for split, split_logits in logits.items():
+        summary = summarize(data[split][1], split_logits)
+        on_digit = summary["errors_per_digit"][digit]
+        found[split] = {"digit_errors": on_digit, "other_errors": summary["errors"] - on_digit, "accuracy": summary["accuracy"]}
     return found
 
 
@@ -85,10 +88,9 @@ def run(args: list[str]) -> dict[str, Any]:
     data = {split: load_data("learning_rates", defaults, split, training=split == "train")
             for split in ("train", "validation", "test")}
     base = load_base_model(defaults, device)
-    base_logits = predict(base, data["test"][0], backend)
-    validation_errors = summarize(data["validation"][1], predict(base, data["validation"][0], backend))["errors_per_digit"]
-    digit = chosen_digit(defaults.finetune.digit, validation_errors)
-    base_scores = scores(base, data, digit, backend)
+    base_logits = logits_of(base, data, backend)
+    digit = chosen_digit(defaults.finetune.digit, summarize(data["validation"][1], base_logits["validation"])["errors_per_digit"])
+    base_scores = scores(base_logits, data, digit)
     sha_before = base_weights_sha256(base)
 
     rows = []
@@ -100,11 +102,11 @@ def run(args: list[str]) -> dict[str, Any]:
         losses = train_on_digit(params, model, *data["train"], digit,
                                 optimizer=make_optimizer(trainable, params.finetune.lr, backend))
         if method != "full":  # the frozen base is unchanged and LoRA off gives its logits bit for bit
-            check_integrity(model, data["test"][0], base_logits, {"before fine-tuning": sha_before}, backend)
+            check_integrity(model, data["test"][0], base_logits["test"], {"before fine-tuning": sha_before}, backend)
         rows.append({"method": method, "rank": params.lora.r if method != "full" else None,
                      "alpha": params.lora.alpha if method != "full" else None, "lr": params.finetune.lr,
                      "trainable_parameters": trainable_parameters(model)[0],
-                     "loss_last_10": round(float(losses[-10:].mean()), 6), **scores(model, data, digit, backend)})
+                     "loss_last_10": round(float(losses[-10:].mean()), 6), **scores(logits_of(model, data, backend), data, digit)})
         print(f"learning_rates {method} {overrides}: validation digit errors {base_scores['validation']['digit_errors']} -> "
               f"{rows[-1]['validation']['digit_errors']}, other digits {base_scores['validation']['other_errors']} -> "
               f"{rows[-1]['validation']['other_errors']}")
