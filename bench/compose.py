@@ -18,7 +18,8 @@ from torch.utils import benchmark
 from bench import Output
 from lora import LoRAConfig, adapter_per_row, add_weighted_adapter, disable_adapter, inject, lora_layers, merge, set_adapter
 from lora_mnist.compose import route_by_confidence, route_by_prediction
-from lora_mnist.mlp import LAYERS, OversizedMLP
+from lora_mnist.mlp import OversizedMLP
+from lora_mnist.params import LAYERS
 
 ADAPTERS = [f"digit-{d}" for d in range(10)]
 

@@ -18,7 +18,8 @@ from torch.utils import benchmark
 from bench import Output
 from bench.seed_lora import apply_seed_lora
 from lora import LoRAConfig, inject, mark_only_lora_trainable, merge
-from lora_mnist.mlp import LAYERS, OversizedMLP
+from lora_mnist.mlp import OversizedMLP
+from lora_mnist.params import LAYERS
 
 TARGETS = list(LAYERS)
 

@@ -94,7 +94,8 @@ def project_kernels(pretrain_steps: int, repeats: int, device: torch.device) -> 
     from lora import LoRAConfig, disable_adapter, inject, mark_only_lora_trainable
     from lora_mnist.data import load_split
     from lora_mnist.metrics import predict, summarize
-    from lora_mnist.mlp import LAYERS, OversizedMLP
+    from lora_mnist.mlp import OversizedMLP
+    from lora_mnist.params import LAYERS
     from lora_mnist.train import train
 
     seconds: dict[str, float] = {}

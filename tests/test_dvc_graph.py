@@ -209,3 +209,10 @@ def test_a_fresh_clone_without_cache_or_remote_checks_out_and_pulls_with_allow_m
     for command in (["dvc", "checkout", "--allow-missing"], ["dvc", "pull", "--allow-missing"]):
         sh(clone, *command)  # exits 0: what is missing stays missing, for dvc repro to rebuild
     assert sh(clone, "git", "status", "--porcelain") == ""
+
+
+def test_every_benchmark_imports_what_the_packages_define():
+    import importlib
+
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        importlib.import_module(f"bench.{path.stem}")  # an ImportError names the missing name
