@@ -27,7 +27,7 @@ deps: $(STAMP)
 	$(BIN)/python -m tools.code_deps
 
 # Tests: the whole suite (what CI runs), or the fast tier: library, params, data reader and stage units (no DVC,
-# no Prefect server, no real MNIST).
+# no Prefect server, no real MNIST, no test of several seconds).
 # Two pytest workers: the slow tests spend much of their time waiting on servers, git and DVC, not computing.
 test: $(STAMP) /usr/sbin/sshd
 	PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 python -m pytest -n 2 --dist worksteal --durations=15
@@ -40,7 +40,7 @@ test: $(STAMP) /usr/sbin/sshd
 	  apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null'
 
 test-fast: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 python -m pytest -m "not slow"
+	PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 python -m pytest -n 2 -m "not slow"
 
 # Benchmarks are run on demand, never as tests: stage times against the seed notebook, then LoRA layers; each writes
 # its tables into its docs page.

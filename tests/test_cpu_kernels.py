@@ -124,6 +124,7 @@ def test_fused_results_do_not_depend_on_the_thread_count(sparse: bool) -> None:
         assert all(torch.equal(a, b) for a, b in zip(parameters, runs[0][1]))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 instruction sets")
 def test_fused_results_do_not_depend_on_the_instruction_set_the_kernel_is_built_for(fresh_build, monkeypatch: pytest.MonkeyPatch) -> None:
     generator = torch.Generator().manual_seed(3)

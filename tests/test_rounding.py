@@ -42,6 +42,7 @@ def test_the_pins_are_mkls_cross_vendor_branch_everywhere_and_avx2_kernels_only_
     assert "ATEN_CPU_CAPABILITY" not in pinned_environment(set())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_AVX2, reason="the kernel pin applies to x86 CPUs with AVX2 and FMA")
 def test_a_pinned_process_computes_what_torch_and_mkl_compute_under_the_pins():
     explicit = _run(PRODUCT, **pinned_environment(cpu_flags()))
@@ -75,12 +76,14 @@ print(hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in params)).hex
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to compare one against two")
 def test_a_pinned_process_fine_tunes_the_same_bits_on_one_core_as_on_two():
     one, two = (_run(FINETUNE.replace("CORES", str(cores))) for cores in (1, 2))
     assert one == two
 
 
+@pytest.mark.slow
 def test_the_environment_overrides_the_pin_and_importing_a_stage_pins_nothing():
     assert _run(PIN + PRODUCT, ATEN_CPU_CAPABILITY="default").startswith("DEFAULT ")
     assert _run(PIN + "import os; print(os.environ['MKL_CBWR'])", MKL_CBWR="AUTO") == "AUTO"

@@ -133,6 +133,7 @@ def test_finetune_with_replay_trains_on_the_digit_plus_other_digits(project):
     assert result["train_images"] == 2 * fours and result["replay_images"] == fours
 
 
+@pytest.mark.slow
 def test_evaluate_reports_lora_on_and_off_and_off_equals_base(project):
     result = run_all()["evaluate"]
     assert result["lora_off"] == result["base"]
@@ -184,6 +185,7 @@ def test_a_base_bit_flipped_after_pretrain_stops_finetune_in_one_line(project, c
     assert not (project / "models" / "adapter").exists()
 
 
+@pytest.mark.slow
 def test_the_integrity_check_compares_the_hashes_the_adapter_recorded(project):
     run_all(until="finetune")
     provenance = project / "models" / "adapter" / "adapter_provenance.json"
@@ -244,6 +246,7 @@ def test_an_adapter_too_large_for_the_base_is_refused_instead_of_scored(project,
     assert "with the adapter on, the logits of" in error and "are not finite" in error
 
 
+@pytest.mark.slow
 def test_integrity_check_fails_evaluate_when_one_base_bit_changed(project):
     run_all(until="finetune")
     _flip_one_bit(BASE_WEIGHTS)
@@ -285,6 +288,7 @@ def test_a_stage_that_would_not_fit_in_memory_says_so_before_loading(project, mo
     assert not BASE_WEIGHTS.exists()
 
 
+@pytest.mark.slow
 def test_compose_scores_every_combination_routing_rule_and_control_against_the_base(project):
     from stages import compose, trial
 
