@@ -85,7 +85,7 @@ def run_point(name: str, point: dict[str, Any], checkout: str, host: str) -> str
     return name
 
 
-@flow(name="lora-mnist-sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2), validate_parameters=False)
+@flow(name="lora-mnist-sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(), validate_parameters=False)
 def sweep(grid: dict[str, list[Any]], prefix: str = "sweep", jobs: int = 2) -> list[dict[str, Any]]:
     """Every combination of ``grid`` ({"lora.rank": [1, 2, 4]}) as a DVC experiment; returns their results."""
     points = plan(grid, prefix, jobs)

@@ -181,6 +181,34 @@ def test_a_sweep_is_one_dvc_experiment_per_point_and_the_dask_command_gets_the_s
     assert "t-rank4" not in sh(flow_repo, "dvc", "exp", "list", "--name-only")
 
 
+@pytest.mark.slow
+def test_a_sweep_runs_as_many_points_at_once_as_jobs_says(prefect_server, monkeypatch):
+    import threading
+
+    import flows.sweep
+
+    monkeypatch.chdir(ROOT)
+    running, peak, changed = [0], [0], threading.Condition()
+
+    def point_that_waits_for_company(*args):  # returns once `jobs` points run together, or after 20 s alone
+        with changed:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            changed.notify_all()
+            changed.wait_for(lambda: running[0] >= jobs, timeout=20)
+        with changed:
+            running[0] -= 1
+        return ""
+
+    monkeypatch.setattr(flows.sweep, "dvc", point_that_waits_for_company)
+    monkeypatch.setattr(flows.sweep, "experiment_metrics", lambda names: {name: {"metrics/evaluate.json": {
+        "digit": 9, "digit_errors": {"base": 2, "lora_on": 1}, "lora_on": {"accuracy": 0.9}}} for name in names})
+    for jobs in (1, 3):
+        peak[0] = 0
+        rows = flows.sweep.sweep(grid={"lora.rank": [5, 6, 7]}, prefix=f"jobs{jobs}", jobs=jobs)
+        assert [row["lora.rank"] for row in rows] == [5, 6, 7] and peak[0] == jobs
+
+
 def craft_experiment(repo: Path, name: str, commit: str, lock_edit) -> None:
     """An experiment ref of ``commit`` whose dvc.lock ``lock_edit`` changed, as a GPU worker could push one."""
     import yaml
