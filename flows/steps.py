@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
+
+from flows.dvc import dvc
 
 CHECKOUT_ENV = "LORA_MNIST_CHECKOUT"
 DVC_REMOTE_ENV = "LORA_MNIST_DVC_REMOTE"
@@ -27,6 +27,6 @@ def use_worker_dvc_config() -> dict[str, str]:
     for variable, args in ((DVC_REMOTE_ENV, ["remote", "add", "--local", "--force", "--default", "worker"]),
                            (DVC_CACHE_ENV, ["cache", "dir", "--local"])):
         if value := os.environ.get(variable):
-            subprocess.run([sys.executable, "-m", "dvc", *args, value], check=True, capture_output=True)
+            dvc(*args, value)
             configured[variable] = value
     return configured
