@@ -2,7 +2,7 @@
 
 Each experiment group of experiments/dvc.yaml has one section builder in SECTIONS (the one list of the
 groups): it turns the group's results into a :class:`Section` (Markdown lines, headline numbers for
-experiments/metrics.json, CSV tables for `dvc plots show`, figures), and :func:`run` writes them all. A
+experiments/metrics.json, CSV tables for `dvc plots show`, figures), and :func:`write_report` writes them all. A
 group without results is named as not run instead of failing the report.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Both start from models/base.safetensors and train on the worst digit on validation (or `finetune.digit`). Writes
 experiments/results/full_finetune.json: trainable parameters, optimiser state, file size (adapter against
 full weights) and per-digit errors of each. Step times are printed, not written: they vary from run to
-run, and the benchmark (bench/lora_layers.py) measures them side by side.
+run, and no benchmark measures full fine-tuning's (bench/lora_layers.py times LoRA layers against the base's).
 """
 # ruff: noqa: E402  (the CPU pins go in before torch loads)
 from lora_mnist.reproducible import pin_cpu_arithmetic
