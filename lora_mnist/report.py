@@ -253,9 +253,11 @@ def backends(runs: list[dict[str, Any]]) -> Section:
                         for b in BACKENDS for seed, sign in signs[b].items() if sign == "helps"]
     lines += ["LoRA on, overall (McNemar at p < 0.05): " + "; ".join(
         f"{b}: " + ", ".join(f"{v} on {n}" for v, n in summary["overall"][b].items()) for b in BACKENDS) + ".", "",
-        "| seed | " + " | ".join(f"base accuracy, {b} | LoRA on, {b}" for b in BACKENDS) + " |", "|---:|" + "---:|---|" * len(BACKENDS)]
+        "| seed | " + " | ".join(f"base accuracy, {b} | LoRA on (McNemar p), {b}" for b in BACKENDS) + " |",
+        "|---:|" + "---:|---|" * len(BACKENDS)]
     for seed in sorted({r["seed"] for r in runs}):
-        lines.append(f"| {seed} | " + " | ".join(f"{by[b][seed]['base']['accuracy']:.4f} | {signs[b][seed]}" if seed in by[b] else "– | –"
+        lines.append(f"| {seed} | " + " | ".join(f"{by[b][seed]['base']['accuracy']:.4f} | {signs[b][seed]} "
+                                                 f"({by[b][seed]['mcnemar_on_vs_off']['p_value']:.3g})" if seed in by[b] else "– | –"
                                                  for b in BACKENDS) + " |")
     return Section([*lines, ""], summary)
 

@@ -258,7 +258,7 @@ def test_report_builds_every_section_from_small_fixture_results(tmp_path, monkey
     # backends: auto minus torch per seed -0.010 and -0.014; t(1) = 12.706 makes the interval span 0
     assert summary["backends"]["difference"] == {"mean": -0.012, "sd": 0.0028, "ci95_low": -0.0374, "ci95_high": 0.0134}
     assert summary["backends"]["verdict"] == "no significant difference" and summary["backends"]["seeds"] == 2
-    assert "| 1 | 0.9110 | helps | 0.9250 | helps |" in text  # seed 1: 89 and 75 errors of 1000; fixtures' p = 0.01
+    assert "| 1 | 0.9110 | helps (0.01) | 0.9250 | helps (0.01) |" in text  # seed 1: 89 and 75 errors of 1000; fixtures' p = 0.01
     assert summary["backends"]["overall"] == {"auto": {"helps": 2}, "torch": {"helps": 2}} and len(summary["backends"]["helps"]) == 4
     # frontier: replay 0 at scale 1 has the fewest target errors, replay 0.1 at scale 1 the best accuracy
     assert "| 0 | 1 | 10 | 69 | 0.9210 |\n| 0.1 | 1 | 12 | 53 | 0.9350 |\n\n" in text
