@@ -188,25 +188,23 @@ def test_a_sweep_runs_as_many_points_at_once_as_jobs_says(prefect_server, monkey
     import flows.sweep
 
     monkeypatch.chdir(ROOT)
-    running, peak, changed = [0], [0], threading.Condition()
+    jobs, running, peak, changed = 3, [0], [0], threading.Condition()
 
-    def point_that_waits_for_company(*args):  # returns once `jobs` points run together, or after 20 s alone
+    def point_that_waits_for_company(*args):  # returns once `jobs` points have run together, or after 20 s
         with changed:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
             changed.notify_all()
-            changed.wait_for(lambda: running[0] >= jobs, timeout=20)
-        with changed:
+            changed.wait_for(lambda: peak[0] >= jobs, timeout=20)
+            changed.wait(timeout=1)  # a point beyond `jobs` would start meanwhile
             running[0] -= 1
         return ""
 
     monkeypatch.setattr(flows.sweep, "dvc", point_that_waits_for_company)
     monkeypatch.setattr(flows.sweep, "experiment_metrics", lambda names: {name: {"metrics/evaluate.json": {
         "digit": 9, "digit_errors": {"base": 2, "lora_on": 1}, "lora_on": {"accuracy": 0.9}}} for name in names})
-    for jobs in (1, 3):
-        peak[0] = 0
-        rows = flows.sweep.sweep(grid={"lora.rank": [5, 6, 7]}, prefix=f"jobs{jobs}", jobs=jobs)
-        assert [row["lora.rank"] for row in rows] == [5, 6, 7] and peak[0] == jobs
+    rows = flows.sweep.sweep(grid={"lora.rank": [5, 6, 7, 8]}, prefix="jobs", jobs=jobs)
+    assert [row["lora.rank"] for row in rows] == [5, 6, 7, 8] and peak[0] == jobs  # not the pool's 2, nor all 4
 
 
 def craft_experiment(repo: Path, name: str, commit: str, lock_edit) -> None:
