@@ -31,23 +31,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.dvc import (CommandFailed, CommandLine, check_name, dvc, experiment_metrics, one_line_errors, require_prefect_api,
                        set_params)
-from lora_mnist.params import ParamsError, load_raw, parse_override, with_overrides
+from lora_mnist.params import load_raw, parse_grid, with_overrides
 
 SCHEDULER = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d+")  # host or [IPv6], then port
 PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,49}")
 COLUMNS = {"digit": ("digit",), "digit errors, base": ("digit_errors", "base"),  # label: key path in evaluate.json
            "digit errors, LoRA on": ("digit_errors", "lora_on"), "accuracy, LoRA on": ("lora_on", "accuracy")}
-
-
-def parse_grid(items: list[str]) -> dict[str, list[Any]]:
-    """``-S`` sweeps as `dvc exp run -S` reads them: ``lora.rank=1,2``, ``range(1,4)``, ``[a],[a,b]`` (two lists)."""
-    grid: dict[str, list[Any]] = {}
-    for item in items:
-        key, values, _ = parse_override(item)
-        if key in grid:
-            raise ParamsError(f"-S {key} is given twice: one -S per key is allowed")
-        grid[key] = values
-    return grid
 
 
 def point_name(prefix: str, point: dict[str, Any]) -> str:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-from lora.files import file_sha256
 
 from .download import SPLIT_FILES
 from .errors import DataError
@@ -35,12 +34,6 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     if expected == header:  # a zero-sized dimension: frombuffer refuses empty buffers
         return torch.empty(shape, dtype=torch.uint8)
     return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(shape)
-
-
-def verify_sha256(path: str | os.PathLike, expected: str) -> None:
-    actual = file_sha256(path)
-    if actual != expected:
-        raise DataError(f"{path}: sha256 {actual} does not match the expected {expected}")
 
 
 def split_image_file(raw_dir: str | os.PathLike, split: str) -> Path:

@@ -43,11 +43,6 @@ def per_digit(values: list[int]) -> dict[str, int]:
     return {str(digit): value for digit, value in enumerate(values)}
 
 
-def digit_list(values: dict[str, int]) -> list[int]:
-    """The inverse of :func:`per_digit`."""
-    return [values[str(digit)] for digit in range(NUM_CLASSES)]
-
-
 def worst_digit(errors_per_digit: list[int]) -> int:
     """The digit with the most errors; ties go to the lower digit."""
     return max(range(len(errors_per_digit)), key=lambda d: (errors_per_digit[d], -d))

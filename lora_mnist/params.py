@@ -27,6 +27,7 @@ IMAGE_PIXELS, NUM_CLASSES = 28 * 28, 10
 MNIST_TRAIN_IMAGES = 60_000  # the training split this project reads; the validation images come out of it
 INT_LIMIT = 2**63  # torch's sizes, indices and seeds are 64-bit
 MAX_STEPS = 10**6  # steps run one by one, each with its batch indices and loss kept: 10**6 is hours of training
+MAX_SCALING = 1e4  # alpha/r (or alpha/sqrt(r)): the sweeps here stay under 20; a typo like alpha=1e38 is refused
 MAX_BYTES, MAX_VALUES, MAX_DEPTH = 1 << 20, 10_000, 32  # what a params file may hold (the shipped one: 1 KB, 40, 3)
 
 
@@ -170,6 +171,10 @@ def _lora_config(section: dict[str, Any], model: Model | None) -> tuple[LoRAConf
         limit = max(min(model.sides()[t]) for t in config.target_modules)
         if config.r > limit:
             return None, [f"lora.rank={config.r} is invalid: 1..{limit} is allowed (above every target layer's smaller side)"]
+    if config.scaling > MAX_SCALING:
+        return None, [f"lora.alpha={shown(config.alpha)} with lora.rank={config.r} is invalid: a scale alpha/"
+                      f"{'sqrt(rank)' if config.use_rslora else 'rank'} of at most {MAX_SCALING:.0e} is allowed "
+                      f"(this one is {config.scaling:.3g})"]
     return config, []
 
 
@@ -289,6 +294,20 @@ def parse_override(arg: str) -> tuple[str, list[Any], bool]:
     sweep = override.is_sweep_override()
     values = list(override.sweep_iterator()) if sweep else [override.value()]
     return override.key_or_group, [v.text if isinstance(v, QuotedString) else v for v in values], sweep
+
+
+def parse_grid(args: list[str]) -> dict[str, list[Any]]:
+    """Sweeps as `dvc exp run -S` reads them (``lora.rank=1,2``, ``range(1,4)``, ``[a],[a,b]`` two lists), one per
+    key and each value once: ``{"lora.rank": [1, 2]}``."""
+    grid: dict[str, list[Any]] = {}
+    for arg in args:
+        key, values, _ = parse_override(arg)
+        if key in grid:
+            raise ParamsError(f"{key} is swept twice: one list of values per key is allowed")
+        if len(set(map(repr, values))) < len(values):
+            raise ParamsError(f"sweep {shown(arg)} repeats a value: each value once is allowed")
+        grid[key] = values
+    return grid
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:

@@ -482,7 +482,8 @@ def control_lines(controls: dict[str, Any] | None) -> list[str]:
         f"adapters (a linear combination, weights uniform in [0, 1)) reach {min(weightings):.4f} to {max(weightings):.4f}; "
         f"the weighting learned on validation (LoraHub-style, a gradient-free search from equal weights, the table's linear, each 1/10, and free to leave [0, 1); validation "
         f"accuracy {controls['learned_validation_accuracy']:.4f}) reaches {controls['learned_accuracy']:.4f} on test, the "
-        f"{controls['learned_percentile']:.0f}th percentile of the random weightings.",
+        f"{controls['learned_percentile']:.0f}th percentile of the random weightings; its test errors per digit are "
+        f"{', '.join(f'{d}: {e}' for d, e in controls['learned_errors_per_digit'].items())}.",
         "",
     ]
 
@@ -533,7 +534,8 @@ def compose(runs: list[dict[str, Any]]) -> Section:
         "Can the frozen base plus the ten per-digit adapters beat the base on every digit? Each combination of "
         "`lora.add_weighted_adapter` (PEFT's types) makes the ten one adapter at three weightings; each routing rule "
         "picks an adapter per test image from the base model's own top predictions (`lora.adapter_per_row`, never the "
-        "label). Controls: the base, the best single adapter, the replay-0.5 adapter, and ten random adapters with the "
+        "label). Controls: the base, the best single adapter, the replay sweep's adapter with the best validation "
+        "accuracy, and ten random adapters with the "
         "real ones' per-layer norms, combined and routed the same ways. Weights and the best single adapter come "
         f"from {result['selection']}; the test set is only scored.",
         "",

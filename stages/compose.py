@@ -7,7 +7,7 @@
 (b) Routing: each image gets the adapter of the digit the base model predicts, or of the likelier of its
     top two whose adapter is more confident.
 (c) Controls: the base; the best single adapter; ten random adapters with each adapter's per-layer norms,
-    combined and routed in every way above; the replay-0.5 adapter of the forgetting frontier.
+    combined and routed in every way above; the replay sweep's adapter with the best validation accuracy.
 Weights and choices come from the validation images (held out of training); the test set is only scored. The
 frozen base is checked as the evaluate stage checks it. Writes experiments/results/compose.json.
 """
@@ -17,6 +17,7 @@ from lora_mnist.reproducible import pin_cpu_arithmetic
 if __name__ == "__main__":
     pin_cpu_arithmetic()
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from lora_mnist.integrity import check_integrity, require_finite
 from lora_mnist.io import write_json
 from lora_mnist.metrics import per_digit, predict, summarize
 from lora_mnist.artifacts import load_base_model, load_data
+from lora_mnist.errors import DataError
 from lora_mnist.cli import run_stage
 from lora_mnist.params import Params
 from lora_mnist.paths import EXPERIMENT_MODELS, EXPERIMENT_RESULTS
@@ -40,7 +42,7 @@ from lora_mnist.train import resolve_device
 DIGITS = range(10)
 DRAWS = 20  # random routings and random weightings: a control that can win needs a distribution
 ADAPTERS = EXPERIMENT_MODELS / "digit_adapters"
-REPLAY_ADAPTER = EXPERIMENT_MODELS / "replay_sweep" / "replay-0.5"
+REPLAY_SWEEP = "replay_sweep"  # experiments/dvc.yaml's group: its adapters and their results
 RESULT = EXPERIMENT_RESULTS / "compose.json"
 # combination type -> its options (PEFT's names); svd keeps PEFT's default rank, the adapters' own (1)
 COMBINATIONS: dict[str, dict[str, Any]] = {
@@ -78,6 +80,22 @@ class Scorer:
         }
 
 
+def best_replay_adapter() -> Path:
+    """The replay sweep's adapter with the best overall validation accuracy with LoRA on (scale 1), the lower
+    replay fraction on a tie: the forgetting frontier's strongest point, chosen without the test set."""
+    found = EXPERIMENT_RESULTS / REPLAY_SWEEP
+    try:
+        results = [json.loads(path.read_text()) for path in sorted(found.glob("*.json"))]
+        ranked = [(next(p["accuracy"] for p in r["validation"]["scale_curve"] if p["scale"] == 1.0), -r["replay_fraction"],
+                   r["name"]) for r in results]
+    except (OSError, ValueError, KeyError, TypeError, StopIteration) as exc:
+        raise DataError(f"{found}: a result cannot be read ({type(exc).__name__}: {exc}); `dvc repro "
+                        f"experiments/dvc.yaml:{REPLAY_SWEEP}` rebuilds them") from None
+    if not ranked:
+        raise DataError(f"{found}: no results; `dvc repro experiments/dvc.yaml:{REPLAY_SWEEP}` makes them")
+    return EXPERIMENT_MODELS / REPLAY_SWEEP / max(ranked)[2]
+
+
 def saved_bytes(model: torch.nn.Module, adapter: str) -> int:
     """The size of ``adapter``'s weights file as save_adapter writes it."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,26 +110,30 @@ def draws_and_learned_weights(model: torch.nn.Module, pool: dict[int, str], vari
     (LoraHub-style), each scored on test: where the real routing and the learned weights fall among the draws."""
     generator = torch.Generator().manual_seed(seed)
 
-    def linear_accuracy(weights: list[float], images: torch.Tensor, labels: torch.Tensor) -> float:
+    def linear_summary(weights: list[float], images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
         add_weighted_adapter(model, list(pool.values()), weights, "weighted", "linear")
         set_adapter(model, "weighted")
-        accuracy = summarize(labels, require_finite(predict(model, images, backend), "weighted"))["accuracy"]
+        summary = summarize(labels, require_finite(predict(model, images, backend), "weighted"))
         delete_adapter(model, "weighted")
-        return accuracy
+        return summary
+
+    def linear_accuracy(weights: list[float], images: torch.Tensor, labels: torch.Tensor) -> float:
+        return linear_summary(weights, images, labels)["accuracy"]
 
     routings = [summarize(test[1], predict_per_row(model, test[0], route_at_random(len(test[1]), pool, generator), backend))["accuracy"]
                 for _ in range(DRAWS)]
     weightings = [linear_accuracy(torch.rand(len(pool), generator=generator).tolist(), *test) for _ in range(DRAWS)]
     learned, validation_accuracy = search_weights(lambda w: linear_accuracy(w, *selection), len(pool), generator)
-    learned_test = linear_accuracy(learned, *test)
+    learned_test = linear_summary(learned, *test)
     routed = next(v["accuracy"] for v in variants if v["name"] == "route to the base's prediction")
     return {
         "draws": DRAWS,
         "random_routing_accuracy": routings, "routing_accuracy": routed,
         "routing_percentile": percentile_rank(routed, routings),
         "random_weights_accuracy": weightings,
-        "learned_weights": learned, "learned_validation_accuracy": validation_accuracy, "learned_accuracy": learned_test,
-        "learned_percentile": percentile_rank(learned_test, weightings),
+        "learned_weights": learned, "learned_validation_accuracy": validation_accuracy,
+        "learned_accuracy": learned_test["accuracy"], "learned_errors_per_digit": per_digit(learned_test["errors_per_digit"]),
+        "learned_percentile": percentile_rank(learned_test["accuracy"], weightings),
     }
 
 
@@ -129,7 +151,8 @@ def run(params: Params) -> dict[str, Any]:
     adapter_of_digit = {d: f"digit-{d}" for d in DIGITS}
     for digit, name in adapter_of_digit.items():
         load_adapter(model, ADAPTERS / f"digit-{digit}", name)
-    load_adapter(model, REPLAY_ADAPTER, "replay")
+    replay = best_replay_adapter()
+    load_adapter(model, replay, "replay")
     generator = torch.Generator().manual_seed(params.seed)
     random_of_digit = {d: f"random-{d}" for d in DIGITS}
     for digit in DIGITS:
@@ -147,7 +170,7 @@ def run(params: Params) -> dict[str, Any]:
                for d in DIGITS]
     best = max(singles, key=lambda v: v["selection_accuracy"])
     variants.append({**best, "name": f"best single ({best['name']}, chosen on validation)", "family": "control"})
-    variants.append(one_adapter("replay-0.5 adapter", "control", "replay", file_bytes["replay"]))
+    variants.append(one_adapter(f"replay adapter ({replay.name}, chosen on validation)", "control", "replay", file_bytes["replay"]))
 
     selection_errors = summarize(selection_labels, base_selection_logits)["errors_per_digit"]
     for pool, family in ((adapter_of_digit, "combination"), (random_of_digit, "control: random adapters")):

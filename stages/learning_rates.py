@@ -29,7 +29,7 @@ from lora_mnist.finetuning import add_adapter, train_on_digit
 from lora_mnist.integrity import check_integrity, require_finite
 from lora_mnist.io import write_json
 from lora_mnist.metrics import chosen_digit, predict, summarize
-from lora_mnist.params import Params, ParamsError, load_raw, parse_override, with_overrides
+from lora_mnist.params import Params, ParamsError, load_raw, parse_grid, with_overrides
 from lora_mnist.paths import EXPERIMENT_RESULTS
 from lora_mnist.train import resolve_device
 
@@ -39,16 +39,10 @@ GRID_KEYS = ("finetune.lr", "lora.rank")
 
 def grid(args: list[str]) -> dict[str, list[Any]]:
     """``finetune.lr=…`` and ``lora.rank=…``, each given once, in `dvc exp run -S`'s syntax."""
-    found = {}
-    for arg in args:
-        key, values, _ = parse_override(arg)
-        if key not in GRID_KEYS or key in found:
-            raise ParamsError(f"argument {arg!r} is invalid: {' and '.join(GRID_KEYS)}, each once, are allowed")
-        if len(set(map(repr, values))) < len(values):
-            raise ParamsError(f"argument {arg!r} repeats a value: each value once is allowed")
-        found[key] = values
-    if missing := [key for key in GRID_KEYS if key not in found]:
-        raise ParamsError(f"{missing} not given: python -m stages.learning_rates finetune.lr=V1,V2 lora.rank=R1,R2")
+    found = parse_grid(args)
+    if sorted(found) != sorted(GRID_KEYS):
+        raise ParamsError(f"{sorted(found)} are swept: {' and '.join(GRID_KEYS)}, each once, are allowed "
+                          "(python -m stages.learning_rates finetune.lr=V1,V2 lora.rank=R1,R2)")
     return found
 
 
@@ -78,9 +72,8 @@ def scores(logits: dict[str, torch.Tensor], data: dict[str, Any], digit: int) ->
     return found
 
 
-def run(args: list[str]) -> dict[str, Any]:
+def run(defaults: Params, args: list[str]) -> dict[str, Any]:
     raw, chosen = load_raw(), grid(args)
-    defaults = with_overrides(raw, {})
     points = [(method, {**overrides, "finetune.lr": lr}) for lr in chosen["finetune.lr"]
               for method, overrides in methods(defaults, chosen["lora.rank"])]
     checked = [(method, overrides, with_overrides(raw, overrides)) for method, overrides in points]  # all before any work
@@ -117,7 +110,7 @@ def run(args: list[str]) -> dict[str, Any]:
 
 
 def main() -> None:
-    run_stage(lambda params: run(sys.argv[1:]), LoRAConfigError, AdapterLoadError)
+    run_stage(lambda params: run(params, sys.argv[1:]), LoRAConfigError, AdapterLoadError)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def test_full_finetune_trains_every_weight_while_lora_keeps_optimizer_and_file_s
 def test_learning_rates_trains_every_method_at_every_rate_from_the_same_base_and_scores_both_splits(project):
     pretrain.run(load_params())
     set_params(project / "params.yaml", **{"lora.rank": 2, "lora.alpha": 4})  # alpha fixed at 4, alpha/rank at 2
-    result = learning_rates.run(["finetune.lr=0.001,0.01", "lora.rank=1,2"])
+    result = learning_rates.run(load_params(), ["finetune.lr=0.001,0.01", "lora.rank=1,2"])
 
     assert json.loads((project / "experiments/results/learning_rates.json").read_text()) == json.loads(json.dumps(result))
     grid = [(p["method"], p["rank"], p["alpha"], p["lr"]) for p in result["points"]]
@@ -129,10 +129,10 @@ def test_learning_rates_trains_every_method_at_every_rate_from_the_same_base_and
 
 
 @pytest.mark.parametrize("args, message", [
-    (["finetune.lr=0.001"], "['lora.rank'] not given"),
-    (["finetune.lr=0.001", "lora.rank=1", "lora.alpha=2"], "argument 'lora.alpha=2' is invalid"),
+    (["finetune.lr=0.001"], "['finetune.lr'] are swept: finetune.lr and lora.rank, each once, are allowed"),
+    (["finetune.lr=0.001", "lora.rank=1", "lora.alpha=2"], "['finetune.lr', 'lora.alpha', 'lora.rank'] are swept"),
     (["finetune.lr=-1", "lora.rank=1"], "finetune.lr=-1"),
-    (["finetune.lr=0.001", "lora.rank=4,4"], "argument 'lora.rank=4,4' repeats a value"),
+    (["finetune.lr=0.001", "lora.rank=4,4"], "sweep 'lora.rank=4,4' repeats a value"),
 ])
 def test_learning_rates_refuses_a_bad_grid_in_one_line_and_writes_nothing(project, capsys, monkeypatch, args, message):
     pretrain.run(load_params())  # everything a run needs is there: the refusal comes first

@@ -22,9 +22,10 @@ REFUSALS = {  # command-line arguments: the one line each prints
     ("flows.pipeline", "-S", "lora.rank=2", "--name", "a..b"): "error: experiment name 'a..b' is invalid: up to 100 letters, "
                                                                "digits, '_', '.' and '-', starting with a letter or digit, are allowed",
     ("flows.sweep", "-S", "lora.rank=1,2", "--jobs", "0"): "error: jobs=0 is invalid: an integer >= 1 is allowed",
-    ("flows.sweep", "-S", "lora.rank=1", "-S", "lora.rank=2"): "error: -S lora.rank is given twice: one -S per key is allowed",
-    ("flows.sweep", "-S", "lora.rank=1,1"): "error: the grid's points share experiment names ['sweep-rank1']: a value is "
-                                            "repeated, or two values write alike",
+    ("flows.sweep", "-S", "lora.rank=1", "-S", "lora.rank=2"): "error: lora.rank is swept twice: one list of values per key is allowed",
+    ("flows.sweep", "-S", "lora.rank=1,1"): "error: sweep 'lora.rank=1,1' repeats a value: each value once is allowed",
+    ("flows.sweep", "-S", "download.source_dir=a b,a_b"): "error: the grid's points share experiment names "
+                                                          "['sweep-source_dira_b']: a value is repeated, or two values write alike",
     ("flows.sweep", "-S", "lora.rank=1,2", "--prefix", "a/b"): "error: prefix='a/b' is invalid: up to 50 letters, digits, '_' "
                                                                "and '-', starting with a letter or digit",
     ("flows.sweep", "-S", "lora.rank=1,2", "--dask", "tcp://nohost"): "error: dask='tcp://nohost' is invalid: 'local' or a "

@@ -67,6 +67,7 @@ def test_bad_values_are_named_with_what_is_allowed(project, key, value, message)
         ("lora.init", "xavier", "lora.init='xavier' is invalid"),
         ("lora.use_rslora", 1, "lora.use_rslora=1 is invalid: true or false is allowed"),
         ("lora.typo", 1, "unknown key lora.'typo'"),
+        ("lora.alpha", 1e38, "lora.alpha=1e\\+38 with lora.rank=\\d+ is invalid: a scale alpha/rank of at most 1e\\+04 is allowed"),
     ],
 )
 def test_bad_lora_values_are_refused_by_lora_config_with_the_params_name(project, key, value, message):
