@@ -65,14 +65,16 @@ def set_params(overrides: dict[str, Any]) -> list[str]:
     return [arg for key, value in overrides.items() for arg in ("-S", f"{key}={json.dumps(value)}")]
 
 
-def experiment_metrics(names: list[str], cwd: Path | None = None) -> dict[str, dict[str, Any]]:
-    """Each experiment's metrics, by file, from `dvc exp show --json` (one call for all)."""
+def experiment_metrics(names: list[str], cwd: Path | None = None, files: tuple[Path, ...] = ()) -> dict[str, dict[str, Any]]:
+    """Each experiment's metrics, by file, from `dvc exp show --json` (one call for all), and ``files`` (JSON outputs
+    git keeps, not metrics) read from the experiment's commit."""
     found = {}
     for commit in json.loads(dvc("exp", "show", "--json", "--no-fetch", cwd=cwd) or "[]"):
         for experiment in commit.get("experiments") or []:
             for rev in experiment["revs"]:
                 if rev.get("name") in names:
                     found[rev["name"]] = {path: value.get("data", {}) for path, value in (rev["data"].get("metrics") or {}).items()}
+                    found[rev["name"]].update({str(f): json.loads(git("show", f"{rev['rev']}:{f}", cwd=cwd)) for f in files})
     return found
 
 

@@ -3,6 +3,7 @@ and a task of the flow, so its Prefect task runner decides where the points run:
 default, or Dask through prefect-dask (the ``dask`` extra, `pip install -e '.[dask]'`):
 
     python -m flows.sweep -S lora.rank=1,2,4,8 -S lora.alpha=1,4 --jobs 2
+    python -m flows.sweep -S lora.rank=1,2,4,8 --batched                 # one experiment, every point in one process
     python -m flows.sweep -S lora.rank=1,2 --dask                        # a LocalCluster of --jobs workers
     python -m flows.sweep -S lora.rank=1,2 --dask tcp://127.0.0.1:8786   # a running cluster on this machine
 
@@ -17,7 +18,7 @@ from flows.dvc import use_project_prefect_home
 if __name__ == "__main__":
     use_project_prefect_home()
 
-import itertools
+import json
 import re
 import socket
 from pathlib import Path
@@ -31,11 +32,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.dvc import (CommandFailed, CommandLine, check_name, dvc, experiment_metrics, one_line_errors, require_prefect_api,
                        set_params)
-from lora_mnist.params import load_raw, parse_grid, with_overrides
+from lora_mnist.params import check_batched_grid, grid_points, load_raw, parse_grid, with_overrides
+from lora_mnist.paths import EVALUATE_METRICS, SWEEP_GRID, SWEEP_RESULT
 
 SCHEDULER = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d+")  # host or [IPv6], then port
+BATCH_TARGET, BATCH_KEY = "experiments/dvc.yaml:sweep", f"{SWEEP_GRID}:grid"  # stages/sweep.py: a grid in one process
 PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,49}")
-COLUMNS = {"digit": ("digit",), "digit errors, base": ("digit_errors", "base"),  # label: key path in evaluate.json
+COLUMNS = {"digit": ("digit",), "digit errors, base": ("digit_errors", "base"),  # label: key path in evaluate.json's numbers
            "digit errors, LoRA on": ("digit_errors", "lora_on"), "accuracy, LoRA on": ("lora_on", "accuracy")}
 
 
@@ -45,51 +48,71 @@ def point_name(prefix: str, point: dict[str, Any]) -> str:
     return "-".join([prefix, *(re.sub(r"[^A-Za-z0-9_-]", "_", k.rsplit(".", 1)[-1] + v) for k, v in text.items())])
 
 
-def plan(grid: Any, prefix: Any, jobs: Any) -> dict[str, dict[str, Any]]:
-    """Every point by its experiment name, each checked as check_params would: refused before anything runs."""
+def plan(grid: Any, prefix: Any, jobs: Any, batched: Any = False) -> dict[str, dict[str, Any]]:
+    """Each DVC experiment of the sweep by name, as its `-S` overrides: one point's, or with ``batched`` the whole grid
+    in experiments/sweep.yaml. Every point is checked as check_params would: refused before anything runs."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs={jobs!r} is invalid: an integer >= 1 is allowed")
     if not isinstance(prefix, str) or not PREFIX.fullmatch(prefix):
         raise ValueError(f"prefix={prefix!r} is invalid: up to 50 letters, digits, '_' and '-', starting with a letter or digit")
     if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
         raise ValueError(f"grid={grid!r} is invalid: a mapping of params.yaml keys to non-empty lists is allowed")
-    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    names = [point_name(prefix, point) for point in points]
-    if len(set(names)) < len(names):
-        raise ValueError(f"the grid's points share experiment names {sorted({n for n in names if names.count(n) > 1})}: "
-                         "a value is repeated, or two values write alike")
-    raw = load_raw()
-    for name, point in zip(names, points):
+    if not isinstance(batched, bool):
+        raise ValueError(f"batched={batched!r} is invalid: true or false is allowed")
+    points, raw = grid_points(grid), load_raw()
+    for point in points:
         with_overrides(raw, point)
+    if batched:
+        check_batched_grid(grid)
+        sweeps = [f"{key}={','.join(json.dumps(value) for value in values)}" for key, values in grid.items()]
+        experiments = {point_name(prefix, grid): {BATCH_KEY: sweeps}}
+    else:
+        names = [point_name(prefix, point) for point in points]
+        if len(set(names)) < len(names):
+            raise ValueError(f"the grid's points share experiment names {sorted({n for n in names if names.count(n) > 1})}: "
+                             "a value is repeated, or two values write alike")
+        experiments = dict(zip(names, points))
+    for name in experiments:
         check_name(name)
-    return dict(zip(names, points))
+    return experiments
 
 
 @task(task_run_name="{name}")
-def run_point(name: str, point: dict[str, Any], checkout: str, host: str) -> str:
+def run_experiment(name: str, overrides: dict[str, Any], checkout: str, host: str) -> str:
     if (here := f"{socket.gethostname()}:{Path.cwd().resolve()}") != f"{host}:{checkout}":
         raise CommandFailed(f"this worker runs in {here}, not in the sweep's checkout {host}:{checkout}: start the "
                             "Dask workers on that machine, from the checkout's root")
-    dvc("exp", "run", "--temp", "dvc.yaml", "-n", name, *set_params(point))
+    target = BATCH_TARGET if BATCH_KEY in overrides else "dvc.yaml"
+    dvc("exp", "run", "--temp", target, "-n", name, *set_params(overrides))
     return name
 
 
+def rows(name: str, overrides: dict[str, Any], metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The table's rows of one experiment: its point, or with a batch every point of experiments/results/sweep.json."""
+    found = metrics[str(SWEEP_RESULT)]["points"] if BATCH_KEY in overrides else \
+        [{"overrides": overrides, **metrics[str(EVALUATE_METRICS)]}]
+    return [{"experiment": name, **point["overrides"], **{label: _at(point, path) for label, path in COLUMNS.items()}}
+            for point in found]
+
+
 @flow(name="lora-mnist-sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(), validate_parameters=False)
-def sweep(grid: dict[str, list[Any]], prefix: str = "sweep", jobs: int = 2) -> list[dict[str, Any]]:
-    """Every combination of ``grid`` ({"lora.rank": [1, 2, 4]}) as a DVC experiment; returns their results."""
-    points = plan(grid, prefix, jobs)
+def sweep(grid: dict[str, list[Any]], prefix: str = "sweep", jobs: int = 2, batched: bool = False) -> list[dict[str, Any]]:
+    """Every combination of ``grid`` ({"lora.rank": [1, 2, 4]}) as a DVC experiment, or with ``batched`` all of them
+    as one; returns their results, a row a point."""
+    experiments = plan(grid, prefix, jobs, batched)
     where = {"checkout": str(Path.cwd().resolve()), "host": socket.gethostname()}
     futures, running = [], []
-    for name, point in points.items():  # never more than ``jobs`` unfinished, whatever the runner's size
+    for name, overrides in experiments.items():  # never more than ``jobs`` unfinished, whatever the runner's size
         if len(running) >= jobs:
             running.remove(next(as_completed(running)))
-        futures.append(run_point.submit(name, point, **where))
+        futures.append(run_experiment.submit(name, overrides, **where))
         running.append(futures[-1])
-    outcomes = {name: future.result(raise_on_failure=False) for name, future in zip(points, futures)}
-    metrics = experiment_metrics([name for name, outcome in outcomes.items() if outcome == name])
-    table = [{"experiment": name, **point, **{label: _at(metrics[name]["metrics/evaluate.json"], path) for label, path in COLUMNS.items()}}
-             for name, point in points.items() if name in metrics]  # in the grid's order, not `dvc exp show`'s
-    create_table_artifact(key="sweep-results", table=table, description="One row per DVC experiment of the sweep")
+    outcomes = {name: future.result(raise_on_failure=False) for name, future in zip(experiments, futures)}
+    metrics = experiment_metrics([name for name, outcome in outcomes.items() if outcome == name],
+                                 files=(SWEEP_RESULT,) if batched else ())
+    table = [row for name, overrides in experiments.items() if name in metrics  # in the grid's order, not `dvc exp show`'s
+             for row in rows(name, overrides, metrics[name])]
+    create_table_artifact(key="sweep-results", table=table, description="One row per point of the sweep")
     if failed := {name: outcome for name, outcome in outcomes.items() if name not in metrics}:
         raise CommandFailed(f"sweep points {list(failed)} did not finish: " + "; ".join(f"{n}: {e}" for n, e in failed.items()))
     return table
@@ -142,14 +165,17 @@ def main() -> None:
     parser.add_argument("--dask", nargs="?", const="local", metavar="ADDRESS",
                         help="run the points on Dask: a LocalCluster of --jobs workers, or the scheduler at ADDRESS")
     parser.add_argument("--prefix", default="sweep", help="experiment names are PREFIX-<key><value>… (default sweep)")
+    parser.add_argument("--batched", action="store_true", help="one experiment: every point in one process (finetune.* "
+                        "and lora.* keys)")
     args = parser.parse_args()
     with one_line_errors():
         grid = parse_grid(args.grid)
-        points = plan(grid, args.prefix, args.jobs)  # refused before a temporary Prefect server starts
+        experiments = plan(grid, args.prefix, args.jobs, args.batched)  # refused before a temporary Prefect server starts
         require_prefect_api()
-        jobs = min(args.jobs, len(points))
+        jobs = min(args.jobs, len(experiments))
         runner = ThreadPoolTaskRunner(max_workers=jobs) if args.dask is None else dask_runner(args.dask, jobs)
-        table = sweep.with_options(task_runner=runner)(grid=grid, prefix=args.prefix, jobs=args.jobs)
+        table = sweep.with_options(task_runner=runner)(grid=grid, prefix=args.prefix, jobs=args.jobs,
+                                                                  batched=args.batched)
     print(format_table(table))
 
 

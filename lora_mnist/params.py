@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import math
 import re
 from collections.abc import Callable
@@ -27,6 +28,7 @@ IMAGE_PIXELS, NUM_CLASSES = 28 * 28, 10
 MNIST_TRAIN_IMAGES = 60_000  # the training split this project reads; the validation images come out of it
 INT_LIMIT = 2**63  # torch's sizes, indices and seeds are 64-bit
 MAX_STEPS = 10**6  # steps run one by one, each with its batch indices and loss kept: 10**6 is hours of training
+BASE_KEEPING = ("finetune.", "lora.")  # the keys a point may change and still fine-tune the pipeline's base model
 MAX_SCALING = 1e4  # alpha/r (or alpha/sqrt(r)): the sweeps here stay under 20; a typo like alpha=1e38 is refused
 MAX_BYTES, MAX_VALUES, MAX_DEPTH = 1 << 20, 10_000, 32  # what a params file may hold (the shipped one: 1 KB, 40, 3)
 
@@ -291,9 +293,16 @@ def parse_override(arg: str) -> tuple[str, list[Any], bool]:
         raise ParamsError(f"override {shown(arg)} is invalid ({str(exc).splitlines()[0]}): {allowed}") from None
     if override.type != OverrideType.CHANGE or not override.key_or_group or override.package is not None:
         raise ParamsError(f"override {shown(arg)} is invalid: {allowed}")  # +key, ~key and @package edit the file's keys
+    def plain(value: Any) -> Any:  # a quoted string, at any depth of a list or mapping, as the string YAML stores
+        if isinstance(value, QuotedString):
+            return value.text
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return {plain(k): plain(v) for k, v in value.items()} if isinstance(value, dict) else value
+
     sweep = override.is_sweep_override()
     values = list(override.sweep_iterator()) if sweep else [override.value()]
-    return override.key_or_group, [v.text if isinstance(v, QuotedString) else v for v in values], sweep
+    return override.key_or_group, [plain(v) for v in values], sweep
 
 
 def parse_grid(args: list[str]) -> dict[str, list[Any]]:
@@ -308,6 +317,18 @@ def parse_grid(args: list[str]) -> dict[str, list[Any]]:
             raise ParamsError(f"sweep {shown(arg)} repeats a value: each value once is allowed")
         grid[key] = values
     return grid
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of a grid's values, the last key's changing fastest, as `dvc exp run --queue` expands `-S`."""
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def check_batched_grid(grid: dict[str, list[Any]]) -> None:
+    """A grid the sweep stage can train in one process: it changes only keys that keep the base model as it is."""
+    if outside := [key for key in grid if not key.startswith(BASE_KEEPING)]:
+        raise ParamsError(f"{outside} cannot be swept in one process: only finetune.* and lora.* keys keep the base "
+                          "model (sweep the others one experiment a point)")
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:

@@ -17,3 +17,5 @@ EXPERIMENT_MODELS = Path("experiments/models")
 EXPERIMENT_PLOTS = Path("experiments/plots")
 EXPERIMENT_REPORT = Path("experiments/report.md")
 EXPERIMENT_SUMMARY = Path("experiments/metrics.json")
+SWEEP_GRID = Path("experiments/sweep.yaml")  # the sweep stage's grid: `-S` sweeps, every point in one process
+SWEEP_RESULT = EXPERIMENT_RESULTS / "sweep.json"

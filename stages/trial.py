@@ -18,7 +18,6 @@ if __name__ == "__main__":
     pin_cpu_arithmetic()
 
 import argparse
-import itertools
 import json
 import re
 from pathlib import Path
@@ -32,7 +31,7 @@ from lora_mnist.finetuning import add_adapter, train_on_digit
 from lora_mnist.integrity import check_integrity, require_finite
 from lora_mnist.io import save_tensors, staged_outputs
 from lora_mnist.metrics import chosen_digit, per_digit, predict, summarize
-from lora_mnist.params import Params, ParamsError, load_raw, parse_grid, with_overrides
+from lora_mnist.params import Params, ParamsError, grid_points, load_raw, parse_grid, with_overrides
 from lora_mnist.paths import BASE_WEIGHTS, EXPERIMENT_MODELS, EXPERIMENT_RESULTS
 from lora_mnist.pretraining import pretrain_model
 from lora_mnist.stats import mcnemar
@@ -44,10 +43,8 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 def points(template: str, grid: list[str]) -> dict[str, dict[str, Any]]:
     """The grid's points by name: ``r{rank}`` with ``lora.rank=1,2`` gives ``{"r1": {"lora.rank": 1}, ...}``."""
-    swept = parse_grid(grid)
     found = {}
-    for values in itertools.product(*swept.values()):
-        point = dict(zip(swept, values))
+    for point in grid_points(parse_grid(grid)):
         try:
             name = template.format(**{key.rsplit(".", 1)[-1]: value for key, value in point.items()})
         except (KeyError, IndexError, ValueError) as exc:

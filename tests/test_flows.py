@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import dvc.api
 import pytest
 
+from lora_mnist.params import ParamsError
 from tests.helpers import ROOT, changed_params, free_port, run_env, sh
 
 REFUSALS = {  # command-line arguments: the one line each prints
@@ -23,6 +25,8 @@ REFUSALS = {  # command-line arguments: the one line each prints
                                                                "digits, '_', '.' and '-', starting with a letter or digit, are allowed",
     ("flows.sweep", "-S", "lora.rank=1,2", "--jobs", "0"): "error: jobs=0 is invalid: an integer >= 1 is allowed",
     ("flows.sweep", "-S", "lora.rank=1", "-S", "lora.rank=2"): "error: lora.rank is swept twice: one list of values per key is allowed",
+    ("flows.sweep", "-S", "seed=1,2", "--batched"): "error: ['seed'] cannot be swept in one process: only finetune.* and "
+                                                    "lora.* keys keep the base model (sweep the others one experiment a point)",
     ("flows.sweep", "-S", "lora.rank=1,1"): "error: sweep 'lora.rank=1,1' repeats a value: each value once is allowed",
     ("flows.sweep", "-S", "download.source_dir=a b,a_b"): "error: the grid's points share experiment names "
                                                           "['sweep-source_dira_b']: a value is repeated, or two values write alike",
@@ -181,6 +185,21 @@ def test_a_sweep_is_one_dvc_experiment_per_point_and_the_dask_command_gets_the_s
         sweep(grid={"lora.rank": [4, 3]}, prefix="t")  # all or none: t-rank4 does not run either
     assert "t-rank4" not in sh(flow_repo, "dvc", "exp", "list", "--name-only")
 
+    # --batched: the same points as one experiment of the sweep stage, trained in one process, the same numbers
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "experiments/dvc.yaml").read_text())["stages"]
+    (flow_repo / "experiments").mkdir()
+    (flow_repo / "experiments/dvc.yaml").write_text(yaml.safe_dump({"stages": {"sweep": stages["sweep"]}}))
+    shutil.copy(ROOT / "experiments/sweep.yaml", flow_repo / "experiments/sweep.yaml")
+    commit_all(flow_repo, "the sweep stage")
+    batched = sweep(grid={"lora.rank": [2, 3]}, prefix="b", jobs=2, batched=True)
+    assert [row.pop("experiment") for row in batched] == ["b-rank2_3"] * 2
+    assert batched == [{k: v for k, v in row.items() if k != "experiment"} for row in on_threads]
+    assert sh(flow_repo, "dvc", "exp", "list", "--name-only").split().count("b-rank2_3") == 1
+    with pytest.raises(ParamsError, match=r"\['seed'\] cannot be swept in one process"):
+        sweep(grid={"seed": [1, 2]}, prefix="b2", batched=True)
+
 
 @pytest.mark.slow
 def test_a_sweep_runs_as_many_points_at_once_as_jobs_says(prefect_server, monkeypatch):
@@ -202,7 +221,7 @@ def test_a_sweep_runs_as_many_points_at_once_as_jobs_says(prefect_server, monkey
         return ""
 
     monkeypatch.setattr(flows.sweep, "dvc", point_that_waits_for_company)
-    monkeypatch.setattr(flows.sweep, "experiment_metrics", lambda names: {name: {"metrics/evaluate.json": {
+    monkeypatch.setattr(flows.sweep, "experiment_metrics", lambda names, files: {name: {"metrics/evaluate.json": {
         "digit": 9, "digit_errors": {"base": 2, "lora_on": 1}, "lora_on": {"accuracy": 0.9}}} for name in names})
     rows = flows.sweep.sweep(grid={"lora.rank": [5, 6, 7, 8]}, prefix="jobs", jobs=jobs)
     assert [row["lora.rank"] for row in rows] == [5, 6, 7, 8] and peak[0] == jobs  # not the pool's 2, nor all 4

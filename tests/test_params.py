@@ -11,7 +11,7 @@ import sys
 import pytest
 import yaml
 
-from lora_mnist.params import MAX_STEPS, Params, ParamsError, load_params, load_raw, parse_overrides, read_yaml, with_overrides
+from lora_mnist.params import MAX_STEPS, Params, ParamsError, load_params, load_raw, parse_grid, parse_overrides, read_yaml, with_overrides
 from tests.helpers import ROOT, one_line_error, set_params
 
 
@@ -101,6 +101,15 @@ def test_override_values_are_read_as_dvc_exp_run_reads_them(tmp_path, arg, value
     section, _, name = key.rpartition(".")
     written = read_yaml(copy.read_text(), str(copy))
     assert (written[section] if section else written)[name] == value
+
+
+def test_a_sweep_of_lists_of_quoted_strings_reads_as_plain_strings_and_each_key_and_value_once():
+    assert parse_grid(['lora.targets=["linear1"],[linear1,\'linear2\']', "lora.rank=range(1,3)"]) == {
+        "lora.targets": [["linear1"], ["linear1", "linear2"]], "lora.rank": [1, 2]}
+    with pytest.raises(ParamsError, match="lora.rank is swept twice"):
+        parse_grid(["lora.rank=1", "lora.rank=2"])
+    with pytest.raises(ParamsError, match="sweep 'lora.rank=1,1' repeats a value"):
+        parse_grid(["lora.rank=1,1"])
 
 
 @pytest.mark.parametrize("arg, message", [

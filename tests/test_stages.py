@@ -428,3 +428,40 @@ def test_mcnemar_is_the_exact_two_sided_binomial_test_of_the_discordant_images()
     interval = mean_interval([1.0, 2.0, 3.0])
     assert interval["mean"] == 2.0 and abs(interval["ci95_high"] - (2 + 4.303 / 3 ** 0.5)) < 1e-9
     assert percentile_rank(2, [1, 2, 3, 4]) == 37.5
+
+
+def test_the_sweep_stage_gives_each_point_the_numbers_finetune_and_evaluate_give_it_bit_for_bit(project):
+    from stages import sweep
+
+    rank = load_params().lora.r
+    pipeline = run_all()
+    (project / "experiments").mkdir()
+    (project / "experiments/sweep.yaml").write_text(f"grid:\n  - lora.rank={rank},{rank + 1}\n  - finetune.lr=0.01\n")
+    result = sweep.run(load_params())
+
+    assert [p["overrides"] for p in result["points"]] == [{"lora.rank": rank, "finetune.lr": 0.01},
+                                                         {"lora.rank": rank + 1, "finetune.lr": 0.01}]
+    assert json.loads((project / "experiments/results/sweep.json").read_text()) == json.loads(json.dumps(result))
+    set_params(project / "params.yaml", **{"finetune.lr": 0.01})  # the first point, as the pipeline runs it
+    tuned, evaluated = finetune.run(load_params()), evaluate.run(load_params())
+    point = result["points"][0]
+    for key in ("digit", "digit_errors", "accuracy_change", "mcnemar_on_vs_off", "validation"):
+        assert point[key] == evaluated[key], key
+    assert point["lora_on"]["accuracy"] == evaluated["lora_on"]["accuracy"] != pipeline["evaluate"]["lora_on"]["accuracy"]
+    assert (point["loss_last_10"], point["trainable_parameters"]) == (tuned["loss_last_10"], tuned["trainable_parameters"])
+    assert result["points"][1]["trainable_parameters"] > point["trainable_parameters"]
+
+
+@pytest.mark.parametrize("grid, message", [
+    ("grid:\n  - seed=1,2\n", r"\['seed'\] cannot be swept in one process: only finetune.\* and lora.\* keys"),
+    ("grid: lora.rank=1\n", "grid='lora.rank=1' is invalid: a non-empty list of sweeps"),
+    ("grid:\n  - lora.rank=0,1\n", "lora.rank=0 is invalid"),
+])
+def test_the_sweep_stage_refuses_a_bad_grid_in_one_line_before_any_training(project, capsys, grid, message):
+    from stages import sweep
+
+    run_all(until="pretrain")
+    (project / "experiments").mkdir()
+    (project / "experiments/sweep.yaml").write_text(grid)
+    assert re.search(message, one_line_error(sweep.main, capsys))
+    assert not (project / "experiments/results").exists()
