@@ -46,8 +46,9 @@ def gpu_pool_unavailable() -> str | None:
     return None
 
 
-def run_on_gpu_pool(overrides: dict[str, Any], name: str, apply: bool) -> dict[str, Any]:
-    """Run the pipeline on the gpu pool as experiment ``name`` and take it back; returns its metrics."""
+def run_on_gpu_pool(overrides: dict[str, Any], name: str, apply: bool) -> tuple[dict[str, Any], set[str]]:
+    """Run the pipeline on the gpu pool as experiment ``name`` and take it back; returns its metrics and the stages
+    that ran there (or came from its run cache): those whose dvc.lock entry the experiment changed."""
     from prefect.deployments import run_deployment
 
     if dirty := [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
@@ -59,15 +60,17 @@ def run_on_gpu_pool(overrides: dict[str, Any], name: str, apply: bool) -> dict[s
     if not run.state.is_completed():
         raise CommandFailed(f"{TRAIN_DEPLOYMENT} run {run.name}: {run.state.name}: {run.state.message}")
     dvc("exp", "pull", "origin", name)
-    check_experiment(name, commit)
+    ref = check_experiment(name, commit)
     if apply:
         dvc("exp", "apply", name)
-    return experiment_metrics([name])[name]
+    before, after = lock_stages(commit), lock_stages(ref)
+    return experiment_metrics([name])[name], {stage for stage, entry in after.items() if before.get(stage) != entry}
 
 
-def check_experiment(name: str, commit: str) -> None:
+def check_experiment(name: str, commit: str) -> str:
     """Refuse an experiment that changes a file the pipeline does not write, adds or retypes an output, or holds a
-    directory listing a path outside itself (absolute, '..', empty, a NUL byte): all before anything is checked out."""
+    directory listing a path outside itself (absolute, '..', empty, a NUL byte): all before anything is checked out.
+    Returns the experiment's git ref."""
     refs = [ref for ref in git("for-each-ref", "--format=%(refname)", "refs/exps/").split() if ref.endswith(f"/{name}")]
     if len(refs) != 1:
         raise HandoffRefused(f"experiment {name!r}: {len(refs)} experiment refs of that name, one is expected")
@@ -88,15 +91,20 @@ def check_experiment(name: str, commit: str) -> None:
                 raise HandoffRefused(f"experiment {name!r}: {path} cannot be listed: {exc}") from None
             if bad := [e["path"] for e in listing if not e["path"] or "\0" in e["path"] or e["path"].startswith("/") or ".." in re.split(r"[/\\]", e["path"])]:
                 raise HandoffRefused(f"experiment {name!r}: {path} lists {bad[0]!r}, a path outside itself")
+    return refs[0]
+
+
+def lock_stages(rev: str) -> dict[str, Any]:
+    """dvc.lock's entry of each stage at ``rev`` (none where that commit has no dvc.lock yet)."""
+    try:
+        return yaml.safe_load(git("show", f"{rev}:dvc.lock"))["stages"]
+    except CommandFailed:
+        return {}
 
 
 def lock_outputs(rev: str) -> dict[str, str]:
-    """Each output's hash in dvc.lock at ``rev`` (none where that commit has no dvc.lock yet)."""
-    try:
-        lock = yaml.safe_load(git("show", f"{rev}:dvc.lock"))
-    except CommandFailed:
-        return {}
-    return {out["path"]: str(out.get("md5", "")) for entry in lock["stages"].values() for out in entry.get("outs", [])}
+    """Each output's hash in dvc.lock at ``rev``."""
+    return {out["path"]: str(out.get("md5", "")) for entry in lock_stages(rev).values() for out in entry.get("outs", [])}
 
 
 @flow(name="lora-mnist-train", log_prints=True)

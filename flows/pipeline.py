@@ -63,8 +63,8 @@ def pipeline(overrides: dict[str, Any] | None = None, training: str = "auto",
     stages = stage_order()
     if not unavailable:
         name = name or f"prefect-{uuid.uuid4().hex[:8]}"
-        runs = [{"stage": stage, "ran": "gpu pool"} for stage in stages]
-        metrics = run_on_gpu_pool(overrides or {}, name, apply=not overrides)
+        metrics, changed = run_on_gpu_pool(overrides or {}, name, apply=not overrides)
+        runs = [{"stage": stage, "ran": "gpu pool" if stage in changed else "skipped"} for stage in stages]
     elif name:
         print(f"training runs in this process: {unavailable}")
         runs = exp_run(name, overrides, stages)

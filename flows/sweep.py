@@ -174,8 +174,8 @@ def main() -> None:
         require_prefect_api()
         jobs = min(args.jobs, len(experiments))
         runner = ThreadPoolTaskRunner(max_workers=jobs) if args.dask is None else dask_runner(args.dask, jobs)
-        table = sweep.with_options(task_runner=runner)(grid=grid, prefix=args.prefix, jobs=args.jobs,
-                                                                  batched=args.batched)
+        run = sweep.with_options(task_runner=runner)
+        table = run(grid=grid, prefix=args.prefix, jobs=args.jobs, batched=args.batched)
     print(format_table(table))
 
 
