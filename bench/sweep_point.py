@@ -8,7 +8,8 @@ anyway), each point is `dvc exp run --temp -v dvc.yaml -S lora.rank=R`, the comm
 Its log splits the wall time into phases: DVC starting and stashing the experiment, the temporary workspace,
 each stage that runs (its process, imports included), and the rest (DVC checking the skipped stages, committing
 the experiment, cleaning up). Then `python -m flows.sweep` runs four points with --jobs 2, for the time a point
-costs through the flow (its temporary Prefect server included).
+costs through the flow (its temporary Prefect server included), and the same four with --batched (one experiment,
+one process), whose table must give every point the same numbers.
 """
 from __future__ import annotations
 
@@ -72,10 +73,16 @@ def main() -> None:
                                     env=env, capture_output=True, text=True, check=True)
             walls.append(time.perf_counter() - started)
             runs.append(phases(result.stdout + result.stderr))
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "flows.sweep", "-S", "lora.rank=11,12,13,14", "--jobs", "2"], cwd=repo,
-                       env=env, capture_output=True, check=True)
-        flow_seconds = time.perf_counter() - started
+        seconds, tables = {}, {}
+        for mode in ("--jobs", "--batched"):
+            started = time.perf_counter()
+            flow = subprocess.run([sys.executable, "-m", "flows.sweep", "-S", "lora.rank=11,12,13,14", "--prefix", mode[2:],
+                                   *(["--jobs", "2"] if mode == "--jobs" else ["--batched"])], cwd=repo, env=env,
+                                  capture_output=True, text=True, check=True)
+            seconds[mode] = time.perf_counter() - started
+            tables[mode] = [line.split()[1:] for line in flow.stdout.strip().splitlines()[-4:]]  # without the experiment
+    if tables["--jobs"] != tables["--batched"]:
+        sys.exit(f"the batched sweep's numbers differ from the per-point sweep's: {tables}")
     emit(f"{os.cpu_count()} cores; medians over {len(runs)} points, one at a time; the repo holds experiments/ too, "
          "whose dvc.lock every DVC command reads")
     emit()
@@ -85,8 +92,10 @@ def main() -> None:
         emit(f"| {phase} | {statistics.median(run.get(phase, 0.0) for run in runs):.1f} |")
     emit(f"| **wall, one point** | **{statistics.median(walls):.1f}** |")
     emit()
-    emit(f"`python -m flows.sweep -S lora.rank=11,12,13,14 --jobs 2`: {flow_seconds:.1f} s, {flow_seconds / 4:.1f} s a point "
-         "(its temporary Prefect server included)")
+    for mode, flags in (("--jobs", "--jobs 2"), ("--batched", "--batched")):
+        emit(f"- `python -m flows.sweep -S lora.rank=11,12,13,14 {flags}`: {seconds[mode]:.1f} s, {seconds[mode] / 4:.1f} s a "
+             "point (its temporary Prefect server included)")
+    emit(f"- the two give every point the same numbers; batched is {seconds['--jobs'] / seconds['--batched']:.1f} times as fast")
     if args.write:
         emit.write_into(args.write, "bench.sweep_point")
 
