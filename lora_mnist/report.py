@@ -41,8 +41,8 @@ def load_results(results: Path = EXPERIMENT_RESULTS) -> dict[str, list[dict[str,
             result = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DataError(f"{path}: not valid JSON ({exc}); {rebuild}") from None
-        if not isinstance(result, dict) or not {"digit", "variants"} & result.keys():
-            raise DataError(f"{path}: not an experiment result (no 'digit' or 'variants'); {rebuild}")
+        if not isinstance(result, dict) or not {"digit", "variants", "points"} & result.keys():
+            raise DataError(f"{path}: not an experiment result (no 'digit', 'variants' or 'points'); {rebuild}")
         groups.setdefault(group, []).append(result)
     return groups
 
@@ -561,6 +561,28 @@ def compose(runs: list[dict[str, Any]]) -> Section:
     return Section(lines, summary, {"compose": table}, {"compose": fig})
 
 
+def sweep(runs: list[dict[str, Any]]) -> Section:
+    """The batched sweep's committed grid (stages/sweep.py): each point's test numbers, all from one process."""
+    result = runs[0]
+    lines = ["## The batched sweep", "",
+             "`python -m flows.sweep --batched` trains every point of a grid of `finetune.*` and `lora.*` keys in one "
+             f"process (stages/sweep.py); this is the committed grid of experiments/sweep.yaml, `{'`, `'.join(result['grid'])}`. A "
+             "point's numbers are the ones the finetune and evaluate stages give it with its overrides (tests/test_flows.py "
+             "runs the same points both ways through DVC); the digit is the base's worst on validation unless "
+             "`finetune.digit` is swept.", "",
+             "| point | digit | trainable | digit errors, base → LoRA on | test accuracy, base → LoRA on | validation "
+             "accuracy, LoRA on | McNemar p |", "|---|---:|---:|---:|---:|---:|---:|"]
+    summary = []
+    for point in result["points"]:
+        name = ", ".join(f"{key}={value}" for key, value in point["overrides"].items())
+        lines.append(f"| {name} | {point['digit']} | {point['trainable_parameters']:,} | {point['digit_errors']['base']} → "
+                     f"{point['digit_errors']['lora_on']} | {point['base']['accuracy']:.4f} → {point['lora_on']['accuracy']:.4f} "
+                     f"| {point['validation']['lora_on']['accuracy']:.4f} | {point['mcnemar_on_vs_off']['p_value']:.3g} |")
+        summary.append({"overrides": point["overrides"], "lora_on_accuracy": point["lora_on"]["accuracy"],
+                        "digit_errors": point["digit_errors"]["lora_on"]})
+    return Section([*lines, ""], summary)
+
+
 # The experiment groups, in report order: each is a stage of experiments/dvc.yaml (tests/test_dvc_graph.py).
 SECTIONS: dict[str, Callable[[list[dict[str, Any]]], Section]] = {
     "rank_sweep": rank_sweep,
@@ -572,6 +594,7 @@ SECTIONS: dict[str, Callable[[list[dict[str, Any]]], Section]] = {
     "learning_rates": learning_rates,
     "digit_adapters": digit_adapters,
     "compose": compose,
+    "sweep": sweep,
 }
 
 

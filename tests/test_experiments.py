@@ -206,6 +206,14 @@ def write_fixture_results(root: Path) -> None:
     }))
     (results / "compose.json").write_text(json.dumps(compose_result(base, {"cat, each 1": [4, 20, 6] + [4] * 7})))
     (results / "learning_rates.json").write_text(json.dumps(learning_rates_result()))
+    (results / "sweep.json").write_text(json.dumps({"grid": ["lora.rank=1,4"], "points": [{
+        "overrides": {"lora.rank": rank}, "digit": 1, "trainable_parameters": 10 * rank, "loss_last_10": 0.1,
+        "base": {"accuracy": 0.905, "errors": 95}, "lora_on": {"accuracy": accuracy, "errors": round((1 - accuracy) * 1000)},
+        "digit_errors": {"base": 50, "lora_on": on}, "accuracy_change": round(accuracy - 0.905, 6),
+        "mcnemar_on_vs_off": {"only_on_right": 40, "only_off_right": 2, "p_value": 1e-9},
+        "validation": {"lora_off": {"accuracy": 0.9, "errors": 100, "digit_errors": 50},
+                       "lora_on": {"accuracy": accuracy - 0.001, "errors": 0, "digit_errors": on}}}
+        for rank, on, accuracy in ((1, 10, 0.93), (4, 5, 0.94))]}))
 
 
 def learning_rates_result() -> dict:
@@ -244,8 +252,9 @@ def test_report_builds_every_section_from_small_fixture_results(tmp_path, monkey
     for heading in ("## Rank sweep", "## The headline over seeds", "## A longer-trained base",
                     "## Does the fast path train the same model?", "## Forgetting and how to trade it",
                     "## LoRA against full fine-tuning", "## Learning against forgetting, across learning rates",
-                    "## One adapter per digit", "## Ten adapters, one base"):
+                    "## One adapter per digit", "## Ten adapters, one base", "## The batched sweep"):
         assert heading in text
+    assert "| lora.rank=4 | 1 | 40 | 50 → 5 | 0.9050 → 0.9400 | 0.9390 | 1e-09 |" in text
     assert "Not run" not in text
     # seeds: base accuracy 1 - 95/1000 and 1 - 85/1000; target errors 50 and 40 -> 10 and 6
     # the interval is the mean's 95% t interval: t(1 degree of freedom) = 12.706
@@ -377,6 +386,6 @@ def test_experiment_stages_run_on_real_mnist_and_the_report_builds_from_them(git
     assert long["adapter_file_bytes"] < 30_000 and long["mcnemar_on_vs_off"]["p_value"] <= 1
     text = (git_repo / "experiments/report.md").read_text()
     assert "## A longer-trained base" in text and "## LoRA against full fine-tuning" in text
-    assert "No results yet for: rank_sweep, seeds, backends, replay_sweep, learning_rates, digit_adapters, compose." in text
+    assert "No results yet for: rank_sweep, seeds, backends, replay_sweep, learning_rates, digit_adapters, compose, sweep." in text
     status = sh(git_repo, "dvc", "status", *(f"experiments/dvc.yaml:{stage}" for stage in stages))
     assert "up to date" in status
