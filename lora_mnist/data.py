@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-
 from .download import SPLIT_FILES
 from .errors import DataError
 

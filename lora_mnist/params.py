@@ -293,6 +293,7 @@ def parse_override(arg: str) -> tuple[str, list[Any], bool]:
         raise ParamsError(f"override {shown(arg)} is invalid ({str(exc).splitlines()[0]}): {allowed}") from None
     if override.type != OverrideType.CHANGE or not override.key_or_group or override.package is not None:
         raise ParamsError(f"override {shown(arg)} is invalid: {allowed}")  # +key, ~key and @package edit the file's keys
+
     def plain(value: Any) -> Any:  # a quoted string, at any depth of a list or mapping, as the string YAML stores
         if isinstance(value, QuotedString):
             return value.text
