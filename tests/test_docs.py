@@ -61,9 +61,7 @@ def test_the_readmes_sentence_on_the_one_base_where_lora_helps_is_the_committed_
     backends = json.loads((ROOT / "experiments/metrics.json").read_text())["backends"]
     torch_signs, helps = backends["overall"]["torch"], backends["helps"]
     assert backends["verdict"] == "no significant difference" and "does not differ significantly from the default's" in text
-    assert f"hurts on {torch_signs['hurts']}, no significant change on {torch_signs['no significant change']}, and helps on" in text
-    [one] = helps  # the README speaks of exactly one such base
-    assert one["backend"] == "torch" and "The one base of twenty where it helps overall is the weakest" in text
-    assert f"seed {one['seed']} (base {one['base_accuracy']:.4f} → {one['lora_on_accuracy']:.4f}, McNemar p = {one['mcnemar_p']:.3g})" in text
+    assert f"give hurts on {torch_signs['hurts']} and no significant change on {torch_signs['no significant change']}" in text
+    assert "helps" not in torch_signs and not helps and "LoRA helps overall on none of the twenty" in text
     results = [json.loads(path.read_text()) for path in (ROOT / "experiments/results/backends").glob("*.json")]
-    assert len(results) == 20 and min(r["base"]["accuracy"] for r in results) == one["base_accuracy"]
+    assert len(results) == 20
