@@ -49,9 +49,9 @@ def add_weighted_adapter(
 ) -> None:
     """Add adapter ``adapter_name``, the combination of ``adapters`` with ``weights``, to every layer one of them
     adapts. Its r is the adapters' (linear and the pruning types need one r), their sum (cat) or ``svd_rank``
-    (default: the largest); alpha = r, and the other settings are the first adapter's, as in PEFT (so with
-    rsLoRA the new adapter's scaling is √r, not 1). DARE's masks are drawn on the CPU from ``seed``, else from
-    torch's global generator. The active adapter stays; everything is checked before any layer changes."""
+    (default: the largest); alpha = r without rsLoRA, so its scaling is 1 (the sources' scalings are folded into
+    its weights), and the other settings are the first adapter's, as in PEFT (>= 0.22). DARE's masks are drawn on
+    the CPU from ``seed``, else from torch's global generator. The active adapter stays; everything is checked before any layer changes."""
     rank = _check(model, adapters, weights, adapter_name, combination_type, svd_rank, density, majority_sign_method)
     if len(adapters) == 1:  # as in PEFT: one adapter can only be rescaled
         combination_type = "linear"
@@ -59,7 +59,7 @@ def add_weighted_adapter(
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     layers = {name: layer for name, layer in lora_layers(model).items() if any(a in layer.lora_A for a in adapters)}
     first = next(layer.configs[adapters[0]] for layer in layers.values() if adapters[0] in layer.configs)
-    config = replace(first, r=rank, alpha=rank, rank_pattern={}, alpha_pattern={},
+    config = replace(first, r=rank, alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={},
                      target_modules=tuple(sorted({t for layer in layers.values() for a in adapters if a in layer.configs
                                                   for t in layer.configs[a].target_modules})))
     combined = {}
