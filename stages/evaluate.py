@@ -26,7 +26,7 @@ from lora_mnist.metrics import per_digit, predict, summarize
 from lora_mnist.params import Params
 from lora_mnist.paths import ADAPTER_DIR, EVALUATE_METRICS, REPORTS
 from lora_mnist.plotting import pyplot, save_figure
-from lora_mnist.stats import mcnemar
+from lora_mnist.scoring import on_against_base, validation_numbers
 from lora_mnist.train import resolve_device
 
 PER_DIGIT_CSV = REPORTS / "per_digit_errors.csv"
@@ -53,18 +53,13 @@ def run(params: Params) -> dict[str, Any]:
 
     base, on, off = (summarize(labels, logits) for logits in (base_logits, on_logits, off_logits))
     change = [a - b for a, b in zip(on["errors_per_digit"], base["errors_per_digit"])]
-    paired = mcnemar((on_logits.argmax(1) == labels).tolist(), (base_logits.argmax(1) == labels).tolist())
     result = {
         "digit": digit,
         "base": _brief(base),
         "lora_on": _brief(on),
         "lora_off": _brief(off),
         "lora_on_change_per_digit": per_digit(change),
-        "digit_errors": {"base": base["errors_per_digit"][digit], "lora_on": on["errors_per_digit"][digit]},
-        "digit_error_reduction": round(1 - on["errors_per_digit"][digit] / max(base["errors_per_digit"][digit], 1), 4),
-        "accuracy_change": round(on["accuracy"] - base["accuracy"], 6),
-        "mcnemar_on_vs_off": {"only_on_right": paired["only_first_right"], "only_off_right": paired["only_second_right"],
-                              "p_value": float(f"{paired['p_value']:.4g}")},
+        **on_against_base(labels, base_logits, on_logits, base, on, digit),
         "validation": validation_scores(params, model, digit),
         "integrity": {"base_weights_unchanged": True, "lora_off_bit_identical": True, "base_weights_sha256": base_sha},
     }
@@ -81,8 +76,7 @@ def validation_scores(params: Params, model: torch.nn.Module, digit: int) -> dic
     on = summarize(labels, predict(model, images, params.backend))
     with disable_adapter(model):
         off = summarize(labels, predict(model, images, params.backend))
-    return {name: {"accuracy": s["accuracy"], "errors": s["errors"], "digit_errors": s["errors_per_digit"][digit]}
-            for name, s in (("lora_off", off), ("lora_on", on))}
+    return validation_numbers(off, on, digit)
 
 
 def provenance_digit(provenance: dict[str, Any]) -> int:

@@ -30,12 +30,12 @@ from lora_mnist.metrics import chosen_digit, predict, summarize
 from lora_mnist.params import (Params, ParamsError, check_batched_grid, grid_points, load_raw, parse_grid, read_yaml,
                                shown, with_overrides)
 from lora_mnist.paths import SWEEP_GRID, SWEEP_RESULT
-from lora_mnist.stats import mcnemar
+from lora_mnist.scoring import on_against_base, validation_numbers
 from lora_mnist.train import resolve_device
 
 
-def read_grid() -> list[str]:
-    """experiments/sweep.yaml's ``grid``: a list of `-S` sweeps, checked as a batched grid."""
+def read_grid() -> tuple[list[str], dict[str, list[Any]]]:
+    """experiments/sweep.yaml's ``grid`` (a list of `-S` sweeps) and its parse, checked as a batched grid."""
     try:
         found = read_yaml(SWEEP_GRID.read_text(), str(SWEEP_GRID))
     except (OSError, UnicodeDecodeError) as exc:
@@ -45,15 +45,16 @@ def read_grid() -> list[str]:
         raise ParamsError(f"{SWEEP_GRID}: grid={shown(grid)} is invalid: a non-empty list of sweeps such as "
                           "'lora.rank=1,2' is allowed")
     try:
-        check_batched_grid(parse_grid(grid))
+        parsed = parse_grid(grid)
+        check_batched_grid(parsed)
     except ParamsError as exc:
         raise ParamsError(f"{SWEEP_GRID}: {exc}") from None
-    return grid
+    return grid, parsed
 
 
 def run(defaults: Params) -> dict[str, Any]:
-    grid, raw = read_grid(), load_raw()
-    points = [(point, with_overrides(raw, point)) for point in grid_points(parse_grid(grid))]  # every point checked first
+    (grid, parsed), raw = read_grid(), load_raw()
+    points = [(point, with_overrides(raw, point)) for point in grid_points(parsed)]  # every point checked first
     device, backend = resolve_device(defaults.device), defaults.backend
     data = {split: load_data("sweep", defaults, split, training=split == "train") for split in ("train", "validation", "test")}
     base = load_base_model(defaults, device)
@@ -82,18 +83,13 @@ def scores(model: torch.nn.Module, data: dict[str, Any], base_logits: dict[str, 
     """evaluate.json's numbers of one point: test with LoRA on and off, McNemar's test, validation."""
     on_logits = {split: require_finite(predict(model, data[split][0], backend), SWEEP_RESULT) for split in ("validation", "test")}
     on = {split: summarize(data[split][1], logits) for split, logits in on_logits.items()}
-    base, test_labels = base_scores["test"], data["test"][1]
-    paired = mcnemar((on_logits["test"].argmax(1) == test_labels).tolist(), (base_logits["test"].argmax(1) == test_labels).tolist())
+    base = base_scores["test"]
     return {
         "digit": digit,
         "base": {"accuracy": base["accuracy"], "errors": base["errors"]},
         "lora_on": {"accuracy": on["test"]["accuracy"], "errors": on["test"]["errors"]},
-        "digit_errors": {"base": base["errors_per_digit"][digit], "lora_on": on["test"]["errors_per_digit"][digit]},
-        "accuracy_change": round(on["test"]["accuracy"] - base["accuracy"], 6),
-        "mcnemar_on_vs_off": {"only_on_right": paired["only_first_right"], "only_off_right": paired["only_second_right"],
-                              "p_value": float(f"{paired['p_value']:.4g}")},
-        "validation": {name: {"accuracy": s["accuracy"], "errors": s["errors"], "digit_errors": s["errors_per_digit"][digit]}
-                       for name, s in (("lora_off", base_scores["validation"]), ("lora_on", on["validation"]))},
+        **on_against_base(data["test"][1], base_logits["test"], on_logits["test"], base, on["test"], digit),
+        "validation": validation_numbers(base_scores["validation"], on["validation"], digit),
     }
 
 
