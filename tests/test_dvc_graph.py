@@ -199,6 +199,30 @@ def test_a_refused_param_through_dvc_exp_run_or_dvc_repro_leaves_every_output_by
 
 
 @pytest.mark.slow
+def test_a_refused_sweep_grid_through_dvc_repro_keeps_the_previous_sweep_result(tmp_path):
+    # The sweep's grid is in experiments/sweep.yaml, which check_params does not read, so DVC's deletion of outputs
+    # before a stage runs must be turned off for its result (persist) and the stage must refuse before writing.
+    stage = yaml.safe_load((ROOT / "experiments/dvc.yaml").read_text())["stages"]["sweep"]
+    stage["deps"] = ["experiments/sweep.yaml"]  # the refusal comes before any data or model is read
+    (tmp_path / "experiments/results").mkdir(parents=True)
+    (tmp_path / "experiments/dvc.yaml").write_text(yaml.safe_dump({"stages": {"sweep": stage}}))
+    (tmp_path / "params.yaml").write_bytes((ROOT / "params.yaml").read_bytes())
+    previous = b'{"grid": ["lora.rank=1"], "points": []}\n'
+    (tmp_path / "experiments/results/sweep.json").write_bytes(previous)
+    (tmp_path / "experiments/sweep.yaml").write_text("grid: ['lora.rank=1']\n")
+    sh(tmp_path, "git", "init", "-q")
+    sh(tmp_path, "dvc", "init", "-q")
+    sh(tmp_path, "dvc", "commit", "-f", "-q", "experiments/dvc.yaml")  # the previous result, recorded as up to date
+    for bad in ("grid: ['seed=1,2']\n", "grid: []\n", "grid: ['lora.rank=0']\n"):
+        (tmp_path / "experiments/sweep.yaml").write_text(bad)
+        result = subprocess.run(["dvc", "repro", "experiments/dvc.yaml"], cwd=tmp_path, env=run_env(),
+                                capture_output=True, text=True, timeout=300)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert result.returncode != 0 and len(errors) == 1 and "Traceback" not in result.stderr, (bad, result.stderr)
+        assert (tmp_path / "experiments/results/sweep.json").read_bytes() == previous, bad
+
+
+@pytest.mark.slow
 def test_a_fresh_clone_without_cache_or_remote_checks_out_and_pulls_with_allow_missing_as_the_readme_says(pipeline_repo, tmp_path):
     readme = (ROOT / "README.md").read_text()
     assert "`dvc checkout --allow-missing`" in readme and "`dvc pull --allow-missing`" in readme
