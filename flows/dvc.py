@@ -78,16 +78,18 @@ def experiment_metrics(names: list[str], cwd: Path | None = None, files: tuple[P
     return found
 
 
-def check_name(name: Any) -> str:
-    """A name DVC takes for a new experiment of HEAD (DVC would refuse a taken one too, but only once it runs)."""
-    if not isinstance(name, str) or not EXPERIMENT_NAME.fullmatch(name) or name.endswith((".lock", ".")) or ".." in name:
-        raise ValueError(f"experiment name {name!r} is invalid: up to 100 letters, digits, '_', '.' and '-', starting "
-                         "with a letter or digit, are allowed")
-    head = git("rev-parse", "HEAD").strip()
-    if git("for-each-ref", "--format=%(refname)", f"refs/exps/{head[:2]}/{head[2:]}/{name}").strip():
-        raise ValueError(f"experiment name {name!r} is taken by an experiment of HEAD: choose another, or "
-                         f"`dvc exp remove {name}` first")
-    return name
+def check_names(names: list[Any]) -> list[str]:
+    """Names DVC takes for new experiments of HEAD, from one `dvc exp list` (DVC refuses a taken one too, but only
+    once it runs)."""
+    for name in names:
+        if not isinstance(name, str) or not EXPERIMENT_NAME.fullmatch(name) or name.endswith((".lock", ".")) or ".." in name:
+            raise ValueError(f"experiment name {name!r} is invalid: up to 100 letters, digits, '_', '.' and '-', "
+                             "starting with a letter or digit, are allowed")
+    existing = set(dvc("exp", "list", "--name-only").split())
+    if taken := [name for name in names if name in existing]:
+        raise ValueError(f"experiment name {taken[0]!r} is taken by an experiment of HEAD: choose another, or "
+                         f"`dvc exp remove {taken[0]}` first")
+    return names
 
 
 class CommandLine(argparse.ArgumentParser):

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from prefect import flow
 
-from flows.dvc import CommandFailed, check_name, dvc, experiment_metrics, git, set_params
+from flows.dvc import CommandFailed, check_names, dvc, experiment_metrics, git, set_params
 from lora_mnist.params import load_raw, with_overrides
 
 TRAIN_DEPLOYMENT = "lora-mnist-train/gpu"
@@ -112,7 +112,7 @@ def train_on_gpu(commit: str, overrides: dict[str, Any], experiment_name: str) -
     """In the gpu worker's fresh clone: the pipeline at ``commit`` with ``overrides`` as a DVC experiment, pushed."""
     if not isinstance(commit, str) or not re.fullmatch(r"[0-9a-f]{40}", commit):
         raise ValueError(f"commit={commit!r} is invalid: a full 40-character git commit hash is allowed")
-    check_name(experiment_name)
+    check_names([experiment_name])
     if git("rev-parse", "--is-shallow-repository").strip() == "true":  # Prefect's git_clone clones at depth 1
         git("fetch", "-q", "--unshallow", "origin", "+refs/heads/*:refs/remotes/origin/*")
     try:

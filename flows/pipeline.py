@@ -20,7 +20,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.dvc import (CommandLine, check_name, dvc, experiment_metrics, how_ran, one_line_errors, require_prefect_api,
+from flows.dvc import (CommandLine, check_names, dvc, experiment_metrics, how_ran, one_line_errors, require_prefect_api,
                        set_params, stage_order)
 from flows.gpu import TRAINING_MODES, gpu_pool_unavailable, run_on_gpu_pool
 from lora_mnist.params import load_raw, parse_overrides, with_overrides
@@ -48,7 +48,7 @@ def check_run(overrides: dict[str, Any] | None, training: Any, experiment_name: 
                              "overrides is saved as an experiment (add -S key=value)")
         return None
     with_overrides(load_raw(), overrides)  # a ParamsError names the bad value
-    return check_name(experiment_name or f"prefect-{uuid.uuid4().hex[:8]}")
+    return check_names([experiment_name or f"prefect-{uuid.uuid4().hex[:8]}"])[0]
 
 
 @flow(name="lora-mnist-pipeline", log_prints=True)

@@ -30,7 +30,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.dvc import (CommandFailed, CommandLine, check_name, dvc, experiment_metrics, one_line_errors, require_prefect_api,
+from flows.dvc import (CommandFailed, CommandLine, check_names, dvc, experiment_metrics, one_line_errors, require_prefect_api,
                        set_params)
 from lora_mnist.params import check_batched_grid, grid_points, load_raw, parse_grid, with_overrides
 from lora_mnist.paths import EVALUATE_METRICS, SWEEP_GRID, SWEEP_RESULT
@@ -72,8 +72,7 @@ def plan(grid: Any, prefix: Any, jobs: Any, batched: Any = False) -> dict[str, d
             raise ValueError(f"the grid's points share experiment names {sorted({n for n in names if names.count(n) > 1})}: "
                              "a value is repeated, or two values write alike")
         experiments = dict(zip(names, points))
-    for name in experiments:
-        check_name(name)
+    check_names(list(experiments))
     return experiments
 
 
