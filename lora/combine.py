@@ -51,7 +51,8 @@ def add_weighted_adapter(
     adapts. Its r is the adapters' (linear and the pruning types need one r), their sum (cat) or ``svd_rank``
     (default: the largest); alpha = r without rsLoRA, so its scaling is 1 (the sources' scalings are folded into
     its weights), and the other settings are the first adapter's, as in PEFT (>= 0.22). DARE's masks are drawn on
-    the CPU from ``seed``, else from torch's global generator. The active adapter stays; everything is checked before any layer changes."""
+    the CPU from ``seed``, else from torch's global generator. The active adapter stays; everything is checked
+    before any layer changes."""
     rank = _check(model, adapters, weights, adapter_name, combination_type, svd_rank, density, majority_sign_method)
     if len(adapters) == 1:  # as in PEFT: one adapter can only be rescaled
         combination_type = "linear"
