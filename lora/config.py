@@ -57,6 +57,7 @@ class Pattern(dict):
 
 
 MAX_RANK = 2**16  # far above any layer's side here; a typo like r=10**9 is refused before any allocation
+MAX_SCALING = 1e4  # alpha/r: the scales that train stay near 1-20; a typo like alpha=1e38 overflows float32 at inference
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,9 @@ class LoRAConfig:
             if not ok:
                 value = getattr(self, name)
                 raise LoRAConfigError(name, list(value) if isinstance(value, tuple) else value, allowed)
+        if (largest := self.largest_scaling()) > MAX_SCALING:
+            raise LoRAConfigError("scaling", largest, f"alpha/{'sqrt(r)' if self.use_rslora else 'r'} of at most "
+                                  f"{MAX_SCALING:.0e} (the largest alpha over the smallest rank the config can give a layer)")
 
     def __hash__(self) -> int:
         return hash((self.r, self.alpha, self.dropout, self.init, self.use_rslora, self.target_modules,
@@ -118,6 +122,11 @@ class LoRAConfig:
     def scaling(self) -> float:
         """The scaling of a layer that no pattern names."""
         return _scaling(self.alpha, self.r, self.use_rslora)
+
+    def largest_scaling(self) -> float:
+        """The largest scaling any layer can get: the largest alpha, patterns included, over the smallest rank."""
+        return _scaling(max([self.alpha, *self.alpha_pattern.values()]), min([self.r, *self.rank_pattern.values()]),
+                        self.use_rslora)
 
     def rank_for(self, module_name: str) -> int:
         """r of the layer named ``module_name``: its ``rank_pattern`` entry, else ``r``."""

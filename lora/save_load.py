@@ -91,7 +91,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, to
             raise AdapterLoadError(f"{path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
         raw = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, bad UTF-8, an integer of over 4300 digits
         raise AdapterLoadError(f"{config_path}: not valid JSON ({exc})") from None
     if not isinstance(raw, dict) or raw.get("peft_type", "LORA") != "LORA":
         raise AdapterLoadError(f"{config_path}: not a LoRA adapter config (peft_type must be LORA)")
@@ -210,7 +210,7 @@ def _read_provenance(path: Path) -> dict[str, Any]:
         return {}
     try:
         provenance = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise AdapterLoadError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(provenance, dict) or not isinstance(provenance.get("lora_config", {}), dict):
         raise AdapterLoadError(f"{path}: expected a JSON object with a 'lora_config' object")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from lora.config import LoRAConfig, LoRAConfigError, is_finite_number
+from lora.config import MAX_SCALING, LoRAConfig, LoRAConfigError, is_finite_number
 
 PARAMS_FILE = Path("params.yaml")
 BACKENDS = ("auto", "torch")  # lora_mnist.backend: the fast paths, or plain PyTorch
@@ -29,7 +29,6 @@ MNIST_TRAIN_IMAGES = 60_000  # the training split this project reads; the valida
 INT_LIMIT = 2**63  # torch's sizes, indices and seeds are 64-bit
 MAX_STEPS = 10**6  # steps run one by one, each with its batch indices and loss kept: 10**6 is hours of training
 BASE_KEEPING = ("finetune.", "lora.")  # the keys a point may change and still fine-tune the pipeline's base model
-MAX_SCALING = 1e4  # alpha/r (or alpha/sqrt(r)): the sweeps here stay under 20; a typo like alpha=1e38 is refused
 MAX_BYTES, MAX_VALUES, MAX_DEPTH = 1 << 20, 10_000, 32  # what a params file may hold (the shipped one: 1 KB, 40, 3)
 
 
@@ -167,16 +166,16 @@ def _lora_config(section: dict[str, Any], model: Model | None) -> tuple[LoRAConf
     try:
         config = LoRAConfig(**{LORA_FIELDS[key]: value for key, value in section.items()})
     except LoRAConfigError as exc:
+        if exc.field == "scaling":  # the lora section has no pattern: its one scale is alpha over rank
+            return None, [f"lora.alpha={shown(section['alpha'])} with lora.rank={section['rank']} is invalid: a scale alpha/"
+                          f"{'sqrt(rank)' if section.get('use_rslora') else 'rank'} of at most {MAX_SCALING:.0e} is allowed "
+                          f"(this one is {exc.value:.3g})"]
         key = next(key for key, name in LORA_FIELDS.items() if name == exc.field)
         return None, [f"lora.{key}={shown(exc.value)} is invalid: {exc.allowed} is allowed"]
     if model is not None:
         limit = max(min(model.sides()[t]) for t in config.target_modules)
         if config.r > limit:
             return None, [f"lora.rank={config.r} is invalid: 1..{limit} is allowed (above every target layer's smaller side)"]
-    if config.scaling > MAX_SCALING:
-        return None, [f"lora.alpha={shown(config.alpha)} with lora.rank={config.r} is invalid: a scale alpha/"
-                      f"{'sqrt(rank)' if config.use_rslora else 'rank'} of at most {MAX_SCALING:.0e} is allowed "
-                      f"(this one is {config.scaling:.3g})"]
     return config, []
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora import AdapterLoadError, LoRAConfig, base_weights_sha256, inject, load_adapter, lora_layers, save_adapter
+from lora import AdapterLoadError, LoRAConfig, LoRAConfigError, base_weights_sha256, inject, load_adapter, lora_layers, save_adapter
 from tests.helpers import TARGETS, TinyMLP
 from lora.save_load import CONFIG_NAME, PROVENANCE_NAME, WEIGHTS_NAME
 
@@ -215,14 +215,44 @@ def test_a_float64_value_that_overflows_the_float32_layer_is_refused(tmp_path):
     assert not lora_layers(model)
 
 
-def test_an_alpha_whose_scaled_delta_overflows_float32_is_refused(tmp_path):
-    save_adapter(trained_model(r=1, alpha=1e38), tmp_path / "adapter")
+def test_a_scaled_delta_that_overflows_float32_is_refused(tmp_path):
+    save_adapter(trained_model(r=1, alpha=1e4), tmp_path / "adapter")
     key = "base_model.model.linear1.lora_B.weight"
-    _rewrite(tmp_path, lambda t: t[key].fill_(1000.0))  # every value finite in float32; B·A·1e38 is not
+    _rewrite(tmp_path, lambda t: t[key].fill_(1e36))  # every value finite in float32; B·A·1e4 is not
     model = fresh_base()
     with pytest.raises(AdapterLoadError, match=r"the scaled delta B·A is not finite in torch.float32"):
         load_adapter(model, tmp_path / "adapter")
     assert not lora_layers(model)
+
+
+@pytest.mark.parametrize("field, value", [("lora_alpha", 1e38), ("alpha_pattern", {"linear2": 3e4}),
+                                          ("rank_pattern", {"linear1": 1})])
+def test_an_adapter_config_whose_scale_is_above_the_bound_is_refused(tmp_path, field, value):
+    save_adapter(trained_model(r=2, alpha=2e4 if field == "rank_pattern" else 1.0), tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / CONFIG_NAME
+    config = json.loads(config_path.read_text())
+    config[field] = value
+    config_path.write_text(json.dumps(config))
+    (tmp_path / "adapter" / PROVENANCE_NAME).unlink()  # as PEFT would save it: only the config tells
+    model = fresh_base()
+    with pytest.raises(AdapterLoadError, match=r"scaling=\S+ is invalid: alpha/r of at most 1e\+04"):
+        load_adapter(model, tmp_path / "adapter")
+    assert not lora_layers(model)
+
+
+def test_a_config_scale_above_the_bound_is_refused_on_creation():
+    with pytest.raises(LoRAConfigError, match=r"scaling=.* is invalid: alpha/sqrt\(r\) of at most 1e\+04"):
+        LoRAConfig(r=4, alpha=3e4, use_rslora=True, target_modules=TARGETS)
+    assert LoRAConfig(r=4, alpha=2e4, use_rslora=True, target_modules=TARGETS).scaling == 1e4  # the bound itself is allowed
+
+
+@pytest.mark.parametrize("name", [CONFIG_NAME, PROVENANCE_NAME])
+def test_an_integer_of_5000_digits_in_a_json_file_is_refused_in_one_error(tmp_path, name):
+    save_adapter(trained_model(), tmp_path / "adapter")
+    path = tmp_path / "adapter" / name
+    path.write_text(path.read_text().replace('"r": 1', '"r": ' + "9" * 5000, 1))
+    with pytest.raises(AdapterLoadError, match=f"{name}: not valid JSON"):
+        load_adapter(fresh_base(), tmp_path / "adapter")
 
 
 @pytest.mark.parametrize("name", [CONFIG_NAME, PROVENANCE_NAME])
