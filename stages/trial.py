@@ -34,7 +34,7 @@ from lora_mnist.metrics import chosen_digit, per_digit, predict, summarize
 from lora_mnist.params import Params, ParamsError, grid_points, load_raw, parse_grid, with_overrides
 from lora_mnist.paths import BASE_WEIGHTS, EXPERIMENT_MODELS, EXPERIMENT_RESULTS
 from lora_mnist.pretraining import pretrain_model
-from lora_mnist.stats import mcnemar
+from lora_mnist.scoring import mcnemar_on_vs_off
 from lora_mnist.train import resolve_device
 
 SCALES = [round(0.1 * i, 1) for i in range(11)]  # inference scales of the adapter: the no-retraining lever
@@ -84,8 +84,7 @@ def trial(params: Params, name: str, pretrain: bool, data: dict[str, Any], out: 
             summary = summarize(data[split][1], logits)
             curves[split].append({"scale": scale, "accuracy": summary["accuracy"],
                                   "errors_per_digit": per_digit(summary["errors_per_digit"])})
-    test_labels = data["test"][1]  # the loop ends at scale 1: LoRA on as trained, its test logits last computed
-    paired = mcnemar((logits.argmax(1) == test_labels).tolist(), (base_logits["test"].argmax(1) == test_labels).tolist())
+    paired = mcnemar_on_vs_off(data["test"][1], base_logits["test"], logits)  # the loop ends at scale 1: LoRA on as trained
     return {
         "name": name, "seed": params.seed, "digit": digit, "rank": config.r, "alpha": config.alpha,
         "scaling": config.scaling, "replay_fraction": params.finetune.replay_fraction, "steps": params.finetune.steps,
@@ -95,8 +94,7 @@ def trial(params: Params, name: str, pretrain: bool, data: dict[str, Any], out: 
         "loss_first_10": round(float(losses[:10].mean()), 6), "loss_last_10": round(float(losses[-10:].mean()), 6),
         "base": {"accuracy": base["test"]["accuracy"], "errors_per_digit": per_digit(base["test"]["errors_per_digit"])},
         "lora_on": curves["test"][-1], "scale_curve": curves["test"],
-        "mcnemar_on_vs_off": {"only_on_right": paired["only_first_right"], "only_off_right": paired["only_second_right"],
-                              "p_value": float(f"{paired['p_value']:.4g}")},
+        "mcnemar_on_vs_off": paired,
         "validation": {"base": {"accuracy": base["validation"]["accuracy"],
                                 "errors_per_digit": per_digit(base["validation"]["errors_per_digit"])},
                        "scale_curve": curves["validation"]},
