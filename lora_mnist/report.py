@@ -488,6 +488,29 @@ def control_lines(controls: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def random_adapter_lines(controls: dict[str, Any] | None) -> list[str]:
+    """Each combination and routing rule of the real ten adapters against the same on many draws of random ones."""
+    draws = (controls or {}).get("random_adapters")
+    if not draws:
+        return []
+    count = len(next(iter(draws.values()))["random_accuracy"])
+    above = sum(d["accuracy"] > max(d["random_accuracy"]) for d in draws.values())
+    below = sum(d["accuracy"] < min(d["random_accuracy"]) for d in draws.values())
+    return [
+        f"Random adapters: {count} draws of ten random adapters with the real ones' per-layer norms (the table's "
+        f"\"random\" rows are the first draw), each combined and routed as the real ten. {above} of the {len(draws)} "
+        f"real variants beat every draw on test accuracy, and {below} fall below every draw; the percentile is the share of draws below the real variant "
+        "(ties count half).",
+        "",
+        "| variant | accuracy | random draws: min | median | max | percentile |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(f"| {name} | {d['accuracy']:.4f} | {min(d['random_accuracy']):.4f} | "
+          f"{statistics.median(d['random_accuracy']):.4f} | {max(d['random_accuracy']):.4f} | "
+          f"{d['percentile']:.0f} |" for name, d in draws.items()),
+        "",
+    ]
+
+
 def compose(runs: list[dict[str, Any]]) -> Section:
     """Ten adapters on one base: every combination, routing rule and control, against the base per digit."""
     result = runs[0]
@@ -536,12 +559,13 @@ def compose(runs: list[dict[str, Any]]) -> Section:
         "picks an adapter per test image from the base model's own top predictions (`lora.adapter_per_row`, never the "
         "label). Controls: the base, the best single adapter, the replay sweep's adapter with the best validation "
         "accuracy, and ten random adapters with the "
-        "real ones' per-layer norms, combined and routed the same ways. Weights and the best single adapter come "
+        "real ones' per-layer norms, combined and routed the same ways, over many draws. Weights and the best single adapter come "
         f"from {result['selection']}; the test set is only scored.",
         "",
         answer,
         "",
         *control_lines(result.get("controls")),
+        *random_adapter_lines(result.get("controls")),
         "![compose](plots/compose.png)",
         "",
         "| variant | family | accuracy | digits worse | better | " + " | ".join(digits) + " | stored | multiply-adds × base |",

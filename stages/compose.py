@@ -6,8 +6,9 @@
     COMBINATIONS, at each weighting (every adapter 1, every adapter 1/10, or by the base's errors per digit).
 (b) Routing: each image gets the adapter of the digit the base model predicts, or of the likelier of its
     top two whose adapter is more confident.
-(c) Controls: the base; the best single adapter; ten random adapters with each adapter's per-layer norms,
-    combined and routed in every way above; the replay sweep's adapter with the best validation accuracy.
+(c) Controls: the base; the best single adapter; DRAWS sets of ten random adapters with each adapter's per-layer
+    norms, combined and routed in every way above; DRAWS random routings and weightings; the replay sweep's adapter
+    with the best validation accuracy.
 Weights and choices come from the validation images (held out of training); the test set is only scored. The
 frozen base is checked as the evaluate stage checks it. Writes experiments/results/compose.json.
 """
@@ -103,6 +104,48 @@ def saved_bytes(model: torch.nn.Module, adapter: str) -> int:
         return (Path(tmp) / "adapter" / WEIGHTS_NAME).stat().st_size
 
 
+def pool_outputs(model: torch.nn.Module, pool: dict[int, str], weights_by_name: dict[str, list[float]],
+                 base_logits: dict[str, torch.Tensor], images: dict[str, torch.Tensor], backend: str) -> dict[str, dict[str, Any]]:
+    """Every combination at every weighting, and both routing rules, of the ten adapters in ``pool``: by name, the
+    logits on each split of ``images``, the bytes stored beside the base and the multiply-adds per image."""
+    outputs = {}
+    for combination, options in COMBINATIONS.items():
+        for weighting, weights in weights_by_name.items():
+            add_weighted_adapter(model, list(pool.values()), weights, "combined", combination, **options)
+            set_adapter(model, "combined")
+            outputs[f"{combination}, {weighting}"] = {
+                "logits": {split: predict(model, x, backend) for split, x in images.items()},
+                "stored": saved_bytes(model, "combined"), "macs": multiply_adds(model, ["combined"])}
+            delete_adapter(model, "combined")
+    routed_bytes = sum(saved_bytes(model, adapter) for adapter in pool.values())
+    base_macs, one_macs = multiply_adds(model, []), multiply_adds(model, [pool[0]])
+    outputs["route to the base's prediction"] = {  # the base's forward picks the adapter
+        "logits": {split: predict_per_row(model, x, route_by_prediction(base_logits[split], pool), backend) for split, x in images.items()},
+        "stored": routed_bytes, "macs": base_macs + one_macs}
+    outputs["route by confidence, top 2"] = {
+        "logits": {split: route_by_confidence(model, x, base_logits[split], pool, backend) for split, x in images.items()},
+        "stored": routed_bytes, "macs": base_macs + 2 * one_macs}
+    return outputs
+
+
+def random_adapter_draws(model: torch.nn.Module, adapter_of_digit: dict[int, str], first_draw: dict[str, float],
+                         real: dict[str, float], weights_by_name: dict[str, list[float]], base_test_logits: torch.Tensor,
+                         test: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator, backend: str) -> dict[str, Any]:
+    """DRAWS sets of ten norm-matched random adapters (the first is the table's), each combined and routed as the real
+    ten: per variant, the draws' test accuracies and where the real variant's falls among them."""
+    accuracies = {name: [accuracy] for name, accuracy in first_draw.items()}
+    pool = {d: f"draw-{d}" for d in DIGITS}
+    for _ in range(DRAWS - 1):
+        for digit in DIGITS:
+            add_random_like(model, adapter_of_digit[digit], pool[digit], generator)
+        for name, output in pool_outputs(model, pool, weights_by_name, {"test": base_test_logits}, {"test": test[0]}, backend).items():
+            accuracies[name].append(summarize(test[1], require_finite(output["logits"]["test"], f"random {name}"))["accuracy"])
+        for adapter in pool.values():
+            delete_adapter(model, adapter)
+    return {name: {"accuracy": real[name], "random_accuracy": draws, "percentile": percentile_rank(real[name], draws)}
+            for name, draws in accuracies.items()}
+
+
 def draws_and_learned_weights(model: torch.nn.Module, pool: dict[int, str], variants: list[dict[str, Any]],
                               selection: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
                               seed: int, backend: str) -> dict[str, Any]:
@@ -172,29 +215,22 @@ def run(params: Params) -> dict[str, Any]:
     variants.append({**best, "name": f"best single ({best['name']}, chosen on validation)", "family": "control"})
     variants.append(one_adapter(f"replay adapter ({replay.name}, chosen on validation)", "control", "replay", file_bytes["replay"]))
 
-    selection_errors = summarize(selection_labels, base_selection_logits)["errors_per_digit"]
-    for pool, family in ((adapter_of_digit, "combination"), (random_of_digit, "control: random adapters")):
-        prefix = "" if pool is adapter_of_digit else "random "
-        for combination, options in COMBINATIONS.items():
-            for weighting, weights in weightings(selection_errors).items():
-                add_weighted_adapter(model, list(pool.values()), weights, "combined", combination, **options)
-                variants.append(one_adapter(f"{prefix}{combination}, {weighting}", family, "combined", saved_bytes(model, "combined")))
-                delete_adapter(model, "combined")
-        routed_bytes = sum(file_bytes[a] for a in adapter_of_digit.values())
-        family = "routing" if pool is adapter_of_digit else family
-        for name, rule in ((f"{prefix}route to the base's prediction", 0), (f"{prefix}route by confidence, top 2", 1)):
-            if rule == 0:
-                test = predict_per_row(model, test_images, route_by_prediction(base_test_logits, pool), backend)
-                selection = predict_per_row(model, selection_images, route_by_prediction(base_selection_logits, pool), backend)
-                macs = base_macs + multiply_adds(model, [pool[0]])  # the base's forward picks the adapter
-            else:
-                test = route_by_confidence(model, test_images, base_test_logits, pool, backend)
-                selection = route_by_confidence(model, selection_images, base_selection_logits, pool, backend)
-                macs = base_macs + 2 * multiply_adds(model, [pool[0]])
-            variants.append(score(name, family, test, selection, routed_bytes, macs))
+    weights_by_name = weightings(summarize(selection_labels, base_selection_logits)["errors_per_digit"])
+    splits = {"test": test_images, "selection": selection_images}
+    base_logits = {"test": base_test_logits, "selection": base_selection_logits}
+    accuracy_of: dict[str, dict[str, float]] = {}
+    for pool, prefix in ((adapter_of_digit, ""), (random_of_digit, "random ")):
+        for name, output in pool_outputs(model, pool, weights_by_name, base_logits, splits, backend).items():
+            family = ("routing" if name.startswith("route") else "combination") if not prefix else "control: random adapters"
+            variants.append(score(prefix + name, family, output["logits"]["test"], output["logits"]["selection"],
+                                  output["stored"], output["macs"]))
+            accuracy_of.setdefault(prefix, {})[name] = variants[-1]["accuracy"]
 
     controls = draws_and_learned_weights(model, adapter_of_digit, variants, (selection_images, selection_labels),
                                          (test_images, test_labels), params.seed, backend)
+    controls["random_adapters"] = random_adapter_draws(model, adapter_of_digit, accuracy_of["random "], accuracy_of[""],
+                                                       weights_by_name, base_test_logits, (test_images, test_labels),
+                                                       generator, backend)
     check_integrity(model, test_images, base_test_logits, {"before composing": sha_before}, backend)
     result = {
         "name": "compose",

@@ -21,6 +21,7 @@ from lora_mnist.fast import cpu_kernels
 from lora_mnist.metrics import worst_digit
 from lora_mnist.artifacts import load_data
 from lora_mnist.params import load_params
+from lora_mnist.stats import percentile_rank
 from lora_mnist.paths import ANALYSIS, BASE_WEIGHTS
 from stages import analyze, evaluate, finetune, pretrain
 from tests.helpers import HARD_DIGIT, ROOT, one_line_error, set_params
@@ -289,9 +290,11 @@ def test_a_stage_that_would_not_fit_in_memory_says_so_before_loading(project, mo
 
 
 @pytest.mark.slow
-def test_compose_scores_every_combination_routing_rule_and_control_against_the_base(project):
+def test_compose_scores_every_combination_routing_rule_and_control_against_the_base(project, monkeypatch):
     from stages import compose, trial
 
+    assert compose.DRAWS >= 20  # what the committed run draws; three here keep the test short
+    monkeypatch.setattr(compose, "DRAWS", 3)
     pretrain.run(load_params())
     trial.run("digit_adapters", "digit-{digit}", ["finetune.digit=range(0,10)"], pretrain=False)
     trial.run("replay_sweep", "replay-{replay_fraction}", ["finetune.replay_fraction=0.5"], pretrain=False)
@@ -314,7 +317,7 @@ def test_compose_scores_every_combination_routing_rule_and_control_against_the_b
     assert json.loads((project / "experiments/results/compose.json").read_text()) == json.loads(json.dumps(result))
     # the controls are distributions: twenty random routings and weightings, and where the real ones fall among them
     controls = result["controls"]
-    assert len(controls["random_routing_accuracy"]) == len(controls["random_weights_accuracy"]) == compose.DRAWS >= 20
+    assert len(controls["random_routing_accuracy"]) == len(controls["random_weights_accuracy"]) == compose.DRAWS
     assert 0 <= controls["routing_percentile"] <= 100
     assert controls["routing_accuracy"] == variants["route to the base's prediction"]["accuracy"]
     assert len(controls["learned_weights"]) == 10 and 0 <= controls["learned_percentile"] <= 100
@@ -322,6 +325,12 @@ def test_compose_scores_every_combination_routing_rule_and_control_against_the_b
     learned_errors = sum(controls["learned_errors_per_digit"].values())
     assert learned_errors == round((1 - controls["learned_accuracy"]) * sum(base["errors_per_digit"].values()) / (1 - base["accuracy"]))
     assert "replay adapter (replay-0.5, chosen on validation)" in variants
+    # the random-adapter control is DRAWS draws per variant, the first of them the table's "random" rows
+    drawn = controls["random_adapters"]
+    assert set(drawn) == {name for name, v in variants.items() if v["family"] in ("combination", "routing")}
+    for name, d in drawn.items():
+        assert len(d["random_accuracy"]) == compose.DRAWS and d["random_accuracy"][0] == variants[f"random {name}"]["accuracy"]
+        assert d["accuracy"] == variants[name]["accuracy"] and d["percentile"] == percentile_rank(d["accuracy"], d["random_accuracy"])
 
 
 def test_the_compose_control_takes_the_replay_adapter_best_on_validation_not_on_test(project):
