@@ -499,8 +499,8 @@ def random_adapter_lines(controls: dict[str, Any] | None) -> list[str]:
     return [
         f"Random adapters: {count} draws of ten random adapters with the real ones' per-layer norms (the table's "
         f"\"random\" rows are the first draw), each combined and routed as the real ten. {above} of the {len(draws)} "
-        f"real variants beat every draw on test accuracy, and {below} fall below every draw; the percentile is the share of draws below the real variant "
-        "(ties count half).",
+        f"real variants beat every draw on test accuracy, and {below} fall below every draw; the percentile is the "
+        "share of draws below the real variant (ties count half).",
         "",
         "| variant | accuracy | random draws: min | median | max | percentile |",
         "|---|---:|---:|---:|---:|---:|",
@@ -559,7 +559,8 @@ def compose(runs: list[dict[str, Any]]) -> Section:
         "picks an adapter per test image from the base model's own top predictions (`lora.adapter_per_row`, never the "
         "label). Controls: the base, the best single adapter, the replay sweep's adapter with the best validation "
         "accuracy, and ten random adapters with the "
-        "real ones' per-layer norms, combined and routed the same ways, over many draws. Weights and the best single adapter come "
+        "real ones' per-layer norms, combined and routed the same ways, over many draws. Weights and the best single "
+        "adapter come "
         f"from {result['selection']}; the test set is only scored.",
         "",
         answer,
