@@ -105,26 +105,30 @@ def saved_bytes(model: torch.nn.Module, adapter: str) -> int:
 
 
 def pool_outputs(model: torch.nn.Module, pool: dict[int, str], weights_by_name: dict[str, list[float]],
-                 base_logits: dict[str, torch.Tensor], images: dict[str, torch.Tensor], backend: str) -> dict[str, dict[str, Any]]:
+                 base_logits: dict[str, torch.Tensor], images: dict[str, torch.Tensor], backend: str,
+                 file_bytes: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
     """Every combination at every weighting, and both routing rules, of the ten adapters in ``pool``: by name, the
-    logits on each split of ``images``, the bytes stored beside the base and the multiply-adds per image."""
+    logits on each split of ``images`` and, given ``file_bytes`` (each pool adapter's weights-file size), the bytes
+    stored beside the base and the multiply-adds per image (the random draws need logits alone)."""
     outputs = {}
     for combination, options in COMBINATIONS.items():
         for weighting, weights in weights_by_name.items():
             add_weighted_adapter(model, list(pool.values()), weights, "combined", combination, **options)
             set_adapter(model, "combined")
-            outputs[f"{combination}, {weighting}"] = {
-                "logits": {split: predict(model, x, backend) for split, x in images.items()},
-                "stored": saved_bytes(model, "combined"), "macs": multiply_adds(model, ["combined"])}
+            output = {"logits": {split: predict(model, x, backend) for split, x in images.items()}}
+            if file_bytes is not None:
+                output.update(stored=saved_bytes(model, "combined"), macs=multiply_adds(model, ["combined"]))
+            outputs[f"{combination}, {weighting}"] = output
             delete_adapter(model, "combined")
-    routed_bytes = sum(saved_bytes(model, adapter) for adapter in pool.values())
-    base_macs, one_macs = multiply_adds(model, []), multiply_adds(model, [pool[0]])
     outputs["route to the base's prediction"] = {  # the base's forward picks the adapter
-        "logits": {split: predict_per_row(model, x, route_by_prediction(base_logits[split], pool), backend) for split, x in images.items()},
-        "stored": routed_bytes, "macs": base_macs + one_macs}
+        "logits": {split: predict_per_row(model, x, route_by_prediction(base_logits[split], pool), backend) for split, x in images.items()}}
     outputs["route by confidence, top 2"] = {
-        "logits": {split: route_by_confidence(model, x, base_logits[split], pool, backend) for split, x in images.items()},
-        "stored": routed_bytes, "macs": base_macs + 2 * one_macs}
+        "logits": {split: route_by_confidence(model, x, base_logits[split], pool, backend) for split, x in images.items()}}
+    if file_bytes is not None:
+        routed_bytes = sum(file_bytes[adapter] for adapter in pool.values())
+        base_macs, one_macs = multiply_adds(model, []), multiply_adds(model, [pool[0]])
+        outputs["route to the base's prediction"].update(stored=routed_bytes, macs=base_macs + one_macs)
+        outputs["route by confidence, top 2"].update(stored=routed_bytes, macs=base_macs + 2 * one_macs)
     return outputs
 
 
@@ -200,7 +204,7 @@ def run(params: Params) -> dict[str, Any]:
     random_of_digit = {d: f"random-{d}" for d in DIGITS}
     for digit in DIGITS:
         add_random_like(model, adapter_of_digit[digit], random_of_digit[digit], generator)
-    file_bytes = {name: saved_bytes(model, name) for name in [*adapter_of_digit.values(), "replay"]}
+    file_bytes = {name: saved_bytes(model, name) for name in [*adapter_of_digit.values(), *random_of_digit.values(), "replay"]}
 
     def one_adapter(name: str, family: str, adapter: str, stored: int) -> dict[str, Any]:
         set_adapter(model, adapter)
@@ -220,7 +224,7 @@ def run(params: Params) -> dict[str, Any]:
     base_logits = {"test": base_test_logits, "selection": base_selection_logits}
     accuracy_of: dict[str, dict[str, float]] = {}
     for pool, prefix in ((adapter_of_digit, ""), (random_of_digit, "random ")):
-        for name, output in pool_outputs(model, pool, weights_by_name, base_logits, splits, backend).items():
+        for name, output in pool_outputs(model, pool, weights_by_name, base_logits, splits, backend, file_bytes).items():
             family = ("routing" if name.startswith("route") else "combination") if not prefix else "control: random adapters"
             variants.append(score(prefix + name, family, output["logits"]["test"], output["logits"]["selection"],
                                   output["stored"], output["macs"]))
