@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
 from bench import Output
+from lora_mnist.reproducible import cpu_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 PINS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_NUM_THREADS", "MKL_DYNAMIC", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
@@ -87,11 +89,6 @@ def weights_sha256(training: str, cores: int, env: dict[str, str] | None = None,
     return result.stdout.strip()
 
 
-def cpu_name() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return next((line.partition(":")[2].strip() for line in text.splitlines() if line.startswith("model name")), "unknown CPU")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", metavar="PAGE", help="also write the table into PAGE between its bench.rounding markers")
@@ -99,7 +96,10 @@ def main() -> None:
     if len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("error: the probe compares one core against two: this process has one CPU")
     out = Output()
-    out(f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores; \"same\": the same weights' sha256 as the reference row")
+    flags = cpu_flags()
+    isa = ", ".join(f"{name} {'yes' if flag in flags else 'no'}" for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f")))
+    out(f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, {isa}; \"same\": the same weights' sha256 as the "
+        "reference row")
     out()
     out("| setting | " + " | ".join(TRAININGS) + " |")
     out("|---|" + "---|" * len(TRAININGS))

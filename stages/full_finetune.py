@@ -1,6 +1,7 @@
 """Experiment: LoRA against full fine-tuning on the same images, step budget, learning rate and seed.
 
-Both start from models/base.safetensors and train on the worst digit on validation (or `finetune.digit`). Writes
+Both start from models/base.safetensors and train on the worst digit on validation (or `finetune.digit`); the LoRA
+model's frozen base is checked as the evaluate stage checks it (full fine-tuning has none). Writes
 experiments/results/full_finetune.json: trainable parameters, optimiser state, file size (adapter against
 full weights) and per-digit errors of each. Step times are printed, not written: they vary from run to
 run, and no benchmark measures full fine-tuning's (bench/lora_layers.py times LoRA layers against the base's).
@@ -14,12 +15,13 @@ if __name__ == "__main__":
 import time
 from typing import Any
 
-from lora import AdapterLoadError, LoRAConfigError, save_adapter, trainable_parameters
+from lora import AdapterLoadError, LoRAConfigError, base_weights_sha256, save_adapter, trainable_parameters
 from lora.save_load import WEIGHTS_NAME
 from lora_mnist.artifacts import load_base_model, load_data
 from lora_mnist.backend import make_optimizer
 from lora_mnist.cli import run_stage
 from lora_mnist.finetuning import add_adapter, train_on_digit
+from lora_mnist.integrity import check_integrity, require_finite
 from lora_mnist.io import save_tensors, write_json
 from lora_mnist.metrics import chosen_digit, per_digit, predict, summarize
 from lora_mnist.params import Params
@@ -36,7 +38,8 @@ def run(params: Params) -> dict[str, Any]:
     validation_images, validation_labels = load_data("full_finetune", params, "validation", training=False)
     test_images, test_labels = load_data("full_finetune", params, "test", training=False)
     lora_model, full_model = load_base_model(params, device), load_base_model(params, device)
-    base = summarize(test_labels, predict(full_model, test_images, backend))
+    base_test_logits = predict(full_model, test_images, backend)
+    base, sha_before = summarize(test_labels, base_test_logits), base_weights_sha256(lora_model)
     digit = chosen_digit(params.finetune.digit, summarize(validation_labels, predict(full_model, validation_images, backend))["errors_per_digit"])
     add_adapter(params, lora_model)
 
@@ -48,12 +51,13 @@ def run(params: Params) -> dict[str, Any]:
         losses = train_on_digit(params, model, images, labels, digit, optimizer=optimizer)
         step_ms = 1e3 * (time.perf_counter() - started) / params.finetune.steps
         if name == "lora":
+            check_integrity(model, test_images, base_test_logits, {"before fine-tuning": sha_before}, backend)
             save_adapter(model, OUT / "adapter", info={"digit": digit})
             file = OUT / "adapter" / WEIGHTS_NAME
         else:
             file = OUT / "full.safetensors"
             save_tensors(file, model.state_dict())
-        summary = summarize(test_labels, predict(model, test_images, backend))
+        summary = summarize(test_labels, require_finite(predict(model, test_images, backend), f"full_finetune {name}"))
         rows[name] = {
             "trainable_parameters": trainable_parameters(model)[0],
             "optimizer_state_bytes": optimizer_state_bytes(optimizer),

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lora_mnist.download import MNIST_SHA256
-from lora_mnist.errors import DataError
+from lora_mnist.errors import DataError, IntegrityError
 from lora.files import file_sha256
 from lora_mnist.metrics import per_digit
 from lora_mnist.mlp import OversizedMLP
@@ -102,6 +103,23 @@ def test_full_finetune_trains_every_weight_while_lora_keeps_optimizer_and_file_s
     assert result["full"]["file_bytes"] == (project / "experiments/models/full_finetune/full.safetensors").stat().st_size
     assert result["lora"]["file_bytes"] * 10 < result["full"]["file_bytes"]
     assert result["digit"] == HARD_DIGIT and file_sha256(BASE_WEIGHTS) == base_hash
+
+
+def test_full_finetune_fails_when_the_lora_models_frozen_base_changes_and_writes_no_result(project, monkeypatch):
+    pretrain.run(load_params())
+    train = full_finetune.train_on_digit
+
+    def train_and_touch_the_base(params, model, *args, **kwargs):
+        losses = train(params, model, *args, **kwargs)
+        if any(p.requires_grad for p in model.parameters()) and not all(p.requires_grad for p in model.parameters()):
+            with torch.no_grad():
+                model.linear1.base_layer.weight[0, 0] += 1  # the LoRA model's base: frozen, so changed only here
+        return losses
+
+    monkeypatch.setattr(full_finetune, "train_on_digit", train_and_touch_the_base)
+    with pytest.raises(IntegrityError, match="integrity check failed: base weights sha256 before fine-tuning"):
+        full_finetune.run(load_params())
+    assert not full_finetune.RESULT.exists()
 
 
 def test_learning_rates_trains_every_method_at_every_rate_from_the_same_base_and_scores_both_splits(project):
