@@ -3,7 +3,7 @@
     python -m stages.compose
 
 (a) Combination: the ten adapters of experiments/models/digit_adapters/ made into one by each of
-    COMBINATIONS, at each weighting (every adapter 1, every adapter 1/10, or by the base's errors per digit).
+    lora_mnist.compose's COMBINATIONS, at each weighting (every adapter 1, every adapter 1/10, or by the base's errors per digit).
 (b) Routing: each image gets the adapter of the digit the base model predicts, or of the likelier of its
     top two whose adapter is more confident.
 (c) Controls: the base; the best single adapter; DRAWS sets of ten random adapters with each adapter's per-layer
@@ -19,25 +19,22 @@ if __name__ == "__main__":
     pin_cpu_arithmetic()
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lora import add_weighted_adapter, base_weights_sha256, delete_adapter, load_adapter, save_adapter, set_adapter
-from lora.save_load import WEIGHTS_NAME
-from lora_mnist.compose import (add_random_like, multiply_adds, predict_per_row, route_at_random, route_by_confidence,
-                                route_by_prediction, search_weights)
-from lora_mnist.integrity import check_integrity, require_finite
+from lora import base_weights_sha256, load_adapter, set_adapter
+from lora_mnist.artifacts import load_base_model, load_data
+from lora_mnist.cli import run_stage
+from lora_mnist.compose import (Scorer, add_random_like, draws_and_learned_weights, multiply_adds, pool_outputs,
+                                random_adapter_draws, saved_bytes, weightings)
+from lora_mnist.errors import DataError
+from lora_mnist.integrity import check_integrity
 from lora_mnist.io import write_json
 from lora_mnist.metrics import per_digit, predict, summarize
-from lora_mnist.artifacts import load_base_model, load_data
-from lora_mnist.errors import DataError
-from lora_mnist.cli import run_stage
 from lora_mnist.params import Params
 from lora_mnist.paths import EXPERIMENT_MODELS, EXPERIMENT_RESULTS
-from lora_mnist.stats import percentile_rank
 from lora_mnist.train import resolve_device
 
 DIGITS = range(10)
@@ -45,40 +42,6 @@ DRAWS = 20  # random routings and random weightings: a control that can win need
 ADAPTERS = EXPERIMENT_MODELS / "digit_adapters"
 REPLAY_SWEEP = "replay_sweep"  # experiments/dvc.yaml's group: its adapters and their results
 RESULT = EXPERIMENT_RESULTS / "compose.json"
-# combination type -> its options (PEFT's names); svd keeps PEFT's default rank, the adapters' own (1)
-COMBINATIONS: dict[str, dict[str, Any]] = {
-    "linear": {}, "cat": {}, "svd": {}, "ties": {"density": 0.5}, "dare_linear": {"density": 0.5, "seed": 0},
-}
-
-
-def weightings(selection_errors: list[int]) -> dict[str, list[float]]:
-    """The weights each combination is tried at; the last favours the digits the base gets wrong most."""
-    most = max(max(selection_errors), 1)
-    return {"each 1": [1.0] * 10, "each 1/10": [0.1] * 10,
-            "by base errors": [round(errors / most, 6) for errors in selection_errors]}
-
-
-class Scorer:
-    """Scores logits on the test set and on the selection images, against the base model."""
-
-    def __init__(self, base_test: dict[str, Any], test_labels: torch.Tensor, selection_labels: torch.Tensor) -> None:
-        self.base_test, self.test_labels, self.selection_labels = base_test, test_labels, selection_labels
-
-    def __call__(self, name: str, family: str, test_logits: torch.Tensor, selection_logits: torch.Tensor,
-                 stored_bytes: int, multiply_adds_per_image: int) -> dict[str, Any]:
-        test = summarize(self.test_labels, require_finite(test_logits, name))
-        base = self.base_test["errors_per_digit"]
-        return {
-            "name": name,
-            "family": family,
-            "accuracy": test["accuracy"],
-            "errors_per_digit": per_digit(test["errors_per_digit"]),
-            "digits_worse": sum(e > b for e, b in zip(test["errors_per_digit"], base)),
-            "digits_better": sum(e < b for e, b in zip(test["errors_per_digit"], base)),
-            "selection_accuracy": summarize(self.selection_labels, selection_logits)["accuracy"],
-            "stored_bytes": stored_bytes,
-            "multiply_adds_per_image": multiply_adds_per_image,
-        }
 
 
 def best_replay_adapter() -> Path:
@@ -95,93 +58,6 @@ def best_replay_adapter() -> Path:
     if not ranked:
         raise DataError(f"{found}: no results; `dvc repro experiments/dvc.yaml:{REPLAY_SWEEP}` makes them")
     return EXPERIMENT_MODELS / REPLAY_SWEEP / max(ranked)[2]
-
-
-def saved_bytes(model: torch.nn.Module, adapter: str) -> int:
-    """The size of ``adapter``'s weights file as save_adapter writes it."""
-    with tempfile.TemporaryDirectory() as tmp:
-        save_adapter(model, Path(tmp) / "adapter", adapter)
-        return (Path(tmp) / "adapter" / WEIGHTS_NAME).stat().st_size
-
-
-def pool_outputs(model: torch.nn.Module, pool: dict[int, str], weights_by_name: dict[str, list[float]],
-                 base_logits: dict[str, torch.Tensor], images: dict[str, torch.Tensor], backend: str,
-                 file_bytes: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
-    """Every combination at every weighting, and both routing rules, of the ten adapters in ``pool``: by name, the
-    logits on each split of ``images`` and, given ``file_bytes`` (each pool adapter's weights-file size), the bytes
-    stored beside the base and the multiply-adds per image (the random draws need logits alone)."""
-    outputs = {}
-    for combination, options in COMBINATIONS.items():
-        for weighting, weights in weights_by_name.items():
-            add_weighted_adapter(model, list(pool.values()), weights, "combined", combination, **options)
-            set_adapter(model, "combined")
-            output = {"logits": {split: predict(model, x, backend) for split, x in images.items()}}
-            if file_bytes is not None:
-                output.update(stored=saved_bytes(model, "combined"), macs=multiply_adds(model, ["combined"]))
-            outputs[f"{combination}, {weighting}"] = output
-            delete_adapter(model, "combined")
-    outputs["route to the base's prediction"] = {  # the base's forward picks the adapter
-        "logits": {split: predict_per_row(model, x, route_by_prediction(base_logits[split], pool), backend) for split, x in images.items()}}
-    outputs["route by confidence, top 2"] = {
-        "logits": {split: route_by_confidence(model, x, base_logits[split], pool, backend) for split, x in images.items()}}
-    if file_bytes is not None:
-        routed_bytes = sum(file_bytes[adapter] for adapter in pool.values())
-        base_macs, one_macs = multiply_adds(model, []), multiply_adds(model, [pool[0]])
-        outputs["route to the base's prediction"].update(stored=routed_bytes, macs=base_macs + one_macs)
-        outputs["route by confidence, top 2"].update(stored=routed_bytes, macs=base_macs + 2 * one_macs)
-    return outputs
-
-
-def random_adapter_draws(model: torch.nn.Module, adapter_of_digit: dict[int, str], first_draw: dict[str, float],
-                         real: dict[str, float], weights_by_name: dict[str, list[float]], base_test_logits: torch.Tensor,
-                         test: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator, backend: str) -> dict[str, Any]:
-    """DRAWS sets of ten norm-matched random adapters (the first is the table's), each combined and routed as the real
-    ten: per variant, the draws' test accuracies and where the real variant's falls among them."""
-    accuracies = {name: [accuracy] for name, accuracy in first_draw.items()}
-    pool = {d: f"draw-{d}" for d in DIGITS}
-    for _ in range(DRAWS - 1):
-        for digit in DIGITS:
-            add_random_like(model, adapter_of_digit[digit], pool[digit], generator)
-        for name, output in pool_outputs(model, pool, weights_by_name, {"test": base_test_logits}, {"test": test[0]}, backend).items():
-            accuracies[name].append(summarize(test[1], require_finite(output["logits"]["test"], f"random {name}"))["accuracy"])
-        for adapter in pool.values():
-            delete_adapter(model, adapter)
-    return {name: {"accuracy": real[name], "random_accuracy": draws, "percentile": percentile_rank(real[name], draws)}
-            for name, draws in accuracies.items()}
-
-
-def draws_and_learned_weights(model: torch.nn.Module, pool: dict[int, str], variants: list[dict[str, Any]],
-                              selection: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
-                              seed: int, backend: str) -> dict[str, Any]:
-    """DRAWS random routings and DRAWS random weightings of the ten adapters, and the weighting learned on validation
-    (LoraHub-style), each scored on test: where the real routing and the learned weights fall among the draws."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def linear_summary(weights: list[float], images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
-        add_weighted_adapter(model, list(pool.values()), weights, "weighted", "linear")
-        set_adapter(model, "weighted")
-        summary = summarize(labels, require_finite(predict(model, images, backend), "weighted"))
-        delete_adapter(model, "weighted")
-        return summary
-
-    def linear_accuracy(weights: list[float], images: torch.Tensor, labels: torch.Tensor) -> float:
-        return linear_summary(weights, images, labels)["accuracy"]
-
-    routings = [summarize(test[1], predict_per_row(model, test[0], route_at_random(len(test[1]), pool, generator), backend))["accuracy"]
-                for _ in range(DRAWS)]
-    weightings = [linear_accuracy(torch.rand(len(pool), generator=generator).tolist(), *test) for _ in range(DRAWS)]
-    learned, validation_accuracy = search_weights(lambda w: linear_accuracy(w, *selection), len(pool), generator)
-    learned_test = linear_summary(learned, *test)
-    routed = next(v["accuracy"] for v in variants if v["name"] == "route to the base's prediction")
-    return {
-        "draws": DRAWS,
-        "random_routing_accuracy": routings, "routing_accuracy": routed,
-        "routing_percentile": percentile_rank(routed, routings),
-        "random_weights_accuracy": weightings,
-        "learned_weights": learned, "learned_validation_accuracy": validation_accuracy,
-        "learned_accuracy": learned_test["accuracy"], "learned_errors_per_digit": per_digit(learned_test["errors_per_digit"]),
-        "learned_percentile": percentile_rank(learned_test["accuracy"], weightings),
-    }
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -231,10 +107,10 @@ def run(params: Params) -> dict[str, Any]:
             accuracy_of.setdefault(prefix, {})[name] = variants[-1]["accuracy"]
 
     controls = draws_and_learned_weights(model, adapter_of_digit, variants, (selection_images, selection_labels),
-                                         (test_images, test_labels), params.seed, backend)
+                                         (test_images, test_labels), params.seed, backend, DRAWS)
     controls["random_adapters"] = random_adapter_draws(model, adapter_of_digit, accuracy_of["random "], accuracy_of[""],
                                                        weights_by_name, base_test_logits, (test_images, test_labels),
-                                                       generator, backend)
+                                                       generator, backend, DRAWS)
     check_integrity(model, test_images, base_test_logits, {"before composing": sha_before}, backend)
     result = {
         "name": "compose",

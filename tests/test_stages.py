@@ -291,6 +291,7 @@ def test_a_stage_that_would_not_fit_in_memory_says_so_before_loading(project, mo
 
 @pytest.mark.slow
 def test_compose_scores_every_combination_routing_rule_and_control_against_the_base(project, monkeypatch):
+    from lora_mnist.compose import COMBINATIONS
     from stages import compose, trial
 
     assert compose.DRAWS >= 20  # what the committed run draws; three here keep the test short
@@ -301,7 +302,7 @@ def test_compose_scores_every_combination_routing_rule_and_control_against_the_b
     result = compose.run(load_params())
 
     variants = {v["name"]: v for v in result["variants"]}
-    per_pool = len(compose.COMBINATIONS) * 3 + 2  # every combination at three weightings, two routing rules
+    per_pool = len(COMBINATIONS) * 3 + 2  # every combination at three weightings, two routing rules
     assert len(variants) == len(result["variants"]) == 3 + 2 * per_pool
     assert [v["family"] for v in result["variants"]].count("control: random adapters") == per_pool
     base = variants["base model"]
