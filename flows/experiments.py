@@ -15,27 +15,29 @@ if __name__ == "__main__":
 import json
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows.dvc import CommandLine, dvc, how_ran, one_line_errors, require_prefect_api
+from flows.dvc import CommandLine, dvc, one_line_errors, require_prefect_api
+from flows.pipeline import repro
 from lora_mnist.paths import EXPERIMENT_REPORT, EXPERIMENT_SUMMARY
-from lora_mnist.report import SECTIONS
 
-GROUPS = tuple(SECTIONS)  # each group is a stage of experiments/dvc.yaml with a section of the report
+PIPELINE = "experiments/dvc.yaml"
 
 
-@task(task_run_name="{target}")
-def repro(target: str) -> dict[str, str]:
-    return {"stage": target, "ran": how_ran(dvc("repro", target), target)}
+def check_groups(groups: list[str] | None) -> list[str]:
+    """``groups`` (all by default) if each is a stage of experiments/dvc.yaml other than the report (`dvc stage list`)."""
+    found = [name.partition(":")[2] for name in dvc("stage", "list", "--name-only", PIPELINE).split()]
+    allowed = [name for name in found if name != "report"]
+    if unknown := [group for group in groups or [] if group not in allowed]:
+        raise ValueError(f"groups={unknown} are invalid: {allowed} (the stages of {PIPELINE}) are allowed")
+    return groups or allowed
 
 
 @flow(name="lora-mnist-experiments", log_prints=True)
-def experiments(groups: list[str] = list(GROUPS)) -> dict[str, Any]:
+def experiments(groups: list[str] | None = None) -> dict[str, Any]:
     """Run the chosen experiment groups (all by default) on the pipeline's base model, then the report."""
-    if unknown := [group for group in groups if group not in GROUPS]:
-        raise ValueError(f"groups={unknown} are invalid: {list(GROUPS)} are allowed")
-    runs = [repro(f"experiments/dvc.yaml:{group}") for group in [*groups, "report"]]
+    runs = [repro(f"{PIPELINE}:{group}") for group in [*check_groups(groups), "report"]]
     create_markdown_artifact(key="lora-experiments-report", markdown=EXPERIMENT_REPORT.read_text(),
                              description=f"{EXPERIMENT_REPORT}, built from experiments/results/")
     return {"stages": runs, "summary": json.loads(EXPERIMENT_SUMMARY.read_text())}
@@ -43,11 +45,13 @@ def experiments(groups: list[str] = list(GROUPS)) -> dict[str, Any]:
 
 def main() -> None:
     parser = CommandLine(prog="python -m flows.experiments", description=__doc__.splitlines()[0])
-    parser.add_argument("--group", dest="groups", action="append", choices=GROUPS, help="repeatable; all by default")
+    parser.add_argument("--group", dest="groups", action="append", help="a stage of experiments/dvc.yaml, repeatable; "
+                        "all by default")
     args = parser.parse_args()
     with one_line_errors():
+        groups = check_groups(args.groups)  # refused before a temporary Prefect server starts
         require_prefect_api()
-        result = experiments(groups=args.groups or list(GROUPS))
+        result = experiments(groups=groups)
     for run in result["stages"]:
         print(f"{run['stage']}: {run['ran']}")
     print(f"report: {EXPERIMENT_REPORT}")

@@ -29,6 +29,7 @@ from lora_mnist.paths import EVALUATE_METRICS, FINETUNE_METRICS
 
 @task(task_run_name="{stage}", retries=1, retry_delay_seconds=5)  # a network source can hiccup in download
 def repro(stage: str) -> dict[str, str]:
+    """`dvc repro STAGE` (a stage of dvc.yaml, or file:stage), and how it ran."""
     return {"stage": stage, "ran": how_ran(dvc("repro", stage), stage)}
 
 
