@@ -151,8 +151,8 @@ def dask_runner(address: Any, jobs: int) -> Any:
     return DaskTaskRunner(address=address)
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    cells = [list(map(str, rows[0]))] + [[str(v) for v in row.values()] for row in rows] if rows else [[]]
+def format_table(table: list[dict[str, Any]]) -> str:
+    cells = [list(map(str, table[0]))] + [[str(v) for v in row.values()] for row in table] if table else [[]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in cells)
 
