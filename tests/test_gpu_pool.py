@@ -100,9 +100,9 @@ def test_the_pipeline_flow_runs_on_the_gpu_pool_through_git_and_an_ssh_dvc_remot
         sh(checkout, prefect, "work-pool", "create", pool, "--type", "process", env=env)
     sh(checkout, prefect, "--no-prompt", "deploy", "--all", env=env)
     assert json.loads(sh(checkout, sys.executable, "-c", DEPLOYMENTS, env=env).splitlines()[-1]) == {
-        "lora-mnist-pipeline/scheduled": {"pool": "cpu", "cron": ["0 3 * * 1"], "limit": None, "steps": ["enter_checkout"]},
+        "lora-mnist-pipeline/scheduled": {"pool": "cpu", "cron": ["0 3 * * 1"], "limit": None, "steps": ["set_working_directory"]},
         "lora-mnist-train/gpu": {"pool": "gpu", "cron": [], "limit": 1,
-                                 "steps": ["git_clone", "set_working_directory", "use_worker_dvc_config"]}}
+                                 "steps": ["git_clone", "set_working_directory", "run_shell_script"]}}
 
     gpu_env = dict(env, LORA_MNIST_DVC_REMOTE=remote, LORA_MNIST_DVC_CACHE=str(dvc_cache))
     worker = start([prefect, "worker", "start", "--pool", "gpu", "--type", "process", "--limit", "1"], gpu_machine,
