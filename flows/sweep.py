@@ -1,16 +1,12 @@
-"""The sweep flow: every point of a grid is one `dvc exp run --temp` (a DVC experiment in a workspace of DVC's own),
-and a task of the flow, so its Prefect task runner decides where the points run: a pool of ``jobs`` threads by
-default, or Dask through prefect-dask (the ``dask`` extra, `pip install -e '.[dask]'`):
+"""The sweep flow: each point of a grid is one `dvc exp run --temp` and one Prefect task, so the task runner decides
+where points run (``jobs`` threads, or Dask through prefect-dask: `pip install -e '.[dask]'`):
 
     python -m flows.sweep -S lora.rank=1,2,4,8 -S lora.alpha=1,4 --jobs 2
     python -m flows.sweep -S lora.rank=1,2,4,8 --batched                 # one experiment, every point in one process
-    python -m flows.sweep -S lora.rank=1,2 --dask                        # a LocalCluster of --jobs workers
-    python -m flows.sweep -S lora.rank=1,2 --dask tcp://127.0.0.1:8786   # a running cluster on this machine
+    python -m flows.sweep -S lora.rank=1,2 --dask [tcp://127.0.0.1:8786]  # a LocalCluster of --jobs workers, or yours
 
-Dask workers must run on this machine, from this checkout (a point refuses to run elsewhere). The results come
-from `dvc exp show --json`, as a table printed and published as an artifact; the flow fails naming any point that
-did not finish. Without Prefect, DVC's own queue does the same: `dvc exp run --queue -S lora.rank=1,2,4` then
-`dvc queue start -j 2`, and `dvc exp show --only-changed`.
+Dask workers run on this machine, from this checkout. Results come from `dvc exp show --json`, printed and published
+as a table artifact. Without Prefect: `dvc exp run --queue -S lora.rank=1,2,4`, `dvc queue start -j 2`.
 """
 # ruff: noqa: E402  (Prefect's home is set before Prefect loads)
 from flows.dvc import use_project_prefect_home
@@ -38,8 +34,6 @@ from lora_mnist.paths import EVALUATE_METRICS, SWEEP_GRID, SWEEP_RESULT
 SCHEDULER = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d+")  # host or [IPv6], then port
 BATCH_TARGET, BATCH_KEY = "experiments/dvc.yaml:sweep", f"{SWEEP_GRID}:grid"  # stages/sweep.py: a grid in one process
 PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,49}")
-COLUMNS = {"digit": ("digit",), "digit errors, base": ("digit_errors", "base"),  # label: key path in evaluate.json's numbers
-           "digit errors, LoRA on": ("digit_errors", "lora_on"), "accuracy, LoRA on": ("lora_on", "accuracy")}
 
 
 def point_name(prefix: str, point: dict[str, Any]) -> str:
@@ -90,8 +84,9 @@ def rows(name: str, overrides: dict[str, Any], metrics: dict[str, Any]) -> list[
     """The table's rows of one experiment: its point, or with a batch every point of experiments/results/sweep.json."""
     found = metrics[str(SWEEP_RESULT)]["points"] if BATCH_KEY in overrides else \
         [{"overrides": overrides, **metrics[str(EVALUATE_METRICS)]}]
-    return [{"experiment": name, **point["overrides"], **{label: _at(point, path) for label, path in COLUMNS.items()}}
-            for point in found]
+    return [{"experiment": name, **p["overrides"], "digit": p["digit"], "digit errors, base": p["digit_errors"]["base"],
+             "digit errors, LoRA on": p["digit_errors"]["lora_on"], "accuracy, LoRA on": p["lora_on"]["accuracy"]}
+            for p in found]
 
 
 @flow(name="lora-mnist-sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(), validate_parameters=False)
@@ -115,12 +110,6 @@ def sweep(grid: dict[str, list[Any]], prefix: str = "sweep", jobs: int = 2, batc
     if failed := {name: outcome for name, outcome in outcomes.items() if name not in metrics}:
         raise CommandFailed(f"sweep points {list(failed)} did not finish: " + "; ".join(f"{n}: {e}" for n, e in failed.items()))
     return table
-
-
-def _at(data: dict[str, Any], path: tuple[str, ...]) -> Any:
-    for key in path:
-        data = data[key]
-    return data
 
 
 def dask_runner(address: Any, jobs: int) -> Any:
