@@ -177,8 +177,8 @@ def random_adapter_draws(model: torch.nn.Module, adapter_of_digit: dict[int, str
             accuracies[name].append(summarize(test[1], require_finite(output["logits"]["test"], f"random {name}"))["accuracy"])
         for adapter in pool.values():
             delete_adapter(model, adapter)
-    return {name: {"accuracy": real[name], "random_accuracy": draws, "percentile": percentile_rank(real[name], draws)}
-            for name, draws in accuracies.items()}
+    return {name: {"accuracy": real[name], "random_accuracy": drawn, "percentile": percentile_rank(real[name], drawn)}
+            for name, drawn in accuracies.items()}
 
 
 def draws_and_learned_weights(model: torch.nn.Module, pool: dict[int, str], variants: list[dict[str, Any]],
