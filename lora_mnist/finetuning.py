@@ -8,12 +8,16 @@ import torch
 from lora import inject, mark_only_lora_trainable
 
 from .batches import finetune_selection
+from .errors import DataError
 from .params import Params
 from .train import train
 
 
 def training_set(params: Params, labels: torch.Tensor, digit: int) -> torch.Tensor:
     """Indices of the fine-tuning images: the digit's, plus the replayed share of other digits."""
+    if not (labels == digit).any():
+        raise DataError(f"digit {digit} has no training images to fine-tune on: data.validation={params.data.validation} "
+                        f"holds out all but {len(labels):,} of the training images; a smaller data.validation is allowed")
     return finetune_selection(labels, digit, params.finetune.replay_fraction, params.seed)
 
 

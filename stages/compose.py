@@ -45,8 +45,8 @@ RESULT = EXPERIMENT_RESULTS / "compose.json"
 
 
 def best_replay_adapter() -> Path:
-    """The replay sweep's adapter with the best overall validation accuracy with LoRA on (scale 1), the lower
-    replay fraction on a tie: the forgetting frontier's strongest point, chosen without the test set."""
+    """The replay sweep's adapter with the best overall validation accuracy with LoRA on at scale 1 (the lower
+    replay fraction on a tie), chosen without the test set."""
     found = EXPERIMENT_RESULTS / REPLAY_SWEEP
     try:
         results = [json.loads(path.read_text()) for path in sorted(found.glob("*.json"))]

@@ -104,15 +104,15 @@ def trial(params: Params, name: str, pretrain: bool, data: dict[str, Any], out: 
 def run(group: str, template: str, grid: list[str], pretrain: bool) -> dict[str, dict[str, Any]]:
     if not NAME.fullmatch(group):
         raise ParamsError(f"group {group!r} is invalid: letters, digits, '-', '_' and '.' are allowed")
-    raw, grid_points = load_raw(), points(template, grid)
-    chosen = {name: with_overrides(raw, point) for name, point in grid_points.items()}  # every point checked first
+    raw, named = load_raw(), points(template, grid)
+    chosen = {name: with_overrides(raw, point) for name, point in named.items()}  # every point checked first
     first = next(iter(chosen.values()))
     data = {split: load_data(f"trial {group}", first, split, training=split == "train") for split in ("train", "validation", "test")}
     results = {}
     with staged_outputs() as outputs:
         models, found = outputs.directory(EXPERIMENT_MODELS / group), outputs.directory(EXPERIMENT_RESULTS / group)
         for name, params in chosen.items():
-            result = results[name] = {"group": group, "overrides": grid_points[name], **trial(params, name, pretrain, data, models)}
+            result = results[name] = {"group": group, "overrides": named[name], **trial(params, name, pretrain, data, models)}
             (found / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
             print(f"trial {group}/{name}: digit {result['digit']}, test accuracy {result['base']['accuracy']:.4f} -> "
                   f"{result['lora_on']['accuracy']:.4f} (McNemar p {result['mcnemar_on_vs_off']['p_value']:.3g}); "

@@ -169,6 +169,20 @@ def test_a_finetune_that_diverges_stops_in_one_line_and_saves_nothing(project, c
     assert not (project / "models" / "adapter").exists()
 
 
+def test_a_finetune_digit_without_training_images_stops_in_one_line_and_saves_nothing(project, capsys):
+    run_all(until="analyze")
+    params = load_params()
+    held_out = len(load_data("finetune", params, "train", training=True)[1]) + params.data.validation - 1
+    set_params(project / "params.yaml", **{"data.validation": held_out})
+    digit = (int(load_data("finetune", load_params(), "train", training=True)[1][0]) + 1) % 10  # not the one image left
+    set_params(project / "params.yaml", **{"finetune.digit": digit})
+    analyze.run(load_params())  # analyze passes the forced digit on
+    assert one_line_error(finetune.main, capsys) == (
+        f"error: digit {digit} has no training images to fine-tune on: data.validation={held_out} holds out all but 1 "
+        "of the training images; a smaller data.validation is allowed")
+    assert not (project / "models" / "adapter").exists()
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch"])  # the CPU kernels, autograd
 def test_a_pretrain_that_diverges_stops_in_one_line_and_saves_no_weights(project, capsys, backend):
     set_params(project / "params.yaml", **{"pretrain.lr": 1e30, "backend": backend})
