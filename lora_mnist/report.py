@@ -2,8 +2,8 @@
 
 Each experiment group of experiments/dvc.yaml has one section builder in SECTIONS (the one list of the
 groups): it turns the group's results into a :class:`Section` (Markdown lines, headline numbers for
-experiments/metrics.json, CSV tables for `dvc plots show`, figures), and :func:`write_report` writes them all. A
-group without results is named as not run instead of failing the report.
+experiments/metrics.json, CSV tables for `dvc plots show`, figures drawn by lora_mnist.report_figures), and
+:func:`write_report` writes them all. A group without results is named as not run instead of failing the report.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from .errors import DataError
 from .io import csv_text, staged_outputs
 from .params import BACKENDS
 from .paths import EXPERIMENT_PLOTS, EXPERIMENT_REPORT, EXPERIMENT_RESULTS, EXPERIMENT_SUMMARY
-from .plotting import pyplot, save_figure
+from . import report_figures as figures
+from .plotting import save_figure
 from .stats import mean_interval
 
 
@@ -107,20 +108,9 @@ def rank_sweep(runs: list[dict[str, Any]]) -> Section:
         for rank in ranks
     ]
 
-    fig, (left, right) = pyplot().subplots(1, 2, figsize=(10, 3.6))
-    for alpha in alphas:
-        points = [r for r in runs if r["alpha"] == alpha]
-        left.plot([r["rank"] for r in points], [digit_errors(r) for r in points], marker="o", label=f"alpha {_fmt(alpha)}")
-        right.plot([r["rank"] for r in points], [r["lora_on"]["accuracy"] for r in points], marker="o", label=f"alpha {_fmt(alpha)}")
-    right.axhline(runs[0]["base"]["accuracy"], color="grey", linestyle=":", label="base model")
-    for ax, ylabel in ((left, "target-digit test errors"), (right, "overall test accuracy")):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ranks, [str(r) for r in ranks])
-        ax.set_xlabel("rank r")
-        ax.set_ylabel(ylabel)
-        ax.legend()
-    fig.suptitle(f"Rank sweep: adapters trained on digit {runs[0]['digit']}, scored with LoRA on")
-    fig.tight_layout()
+    fig = figures.rank_sweep({f"alpha {_fmt(a)}": [(r["rank"], digit_errors(r), r["lora_on"]["accuracy"]) for r in runs
+                                                  if r["alpha"] == a] for a in alphas},
+                             ranks, runs[0]["base"]["accuracy"], runs[0]["digit"])
 
     lines = [
         "## Rank sweep",
@@ -270,19 +260,7 @@ def replay_sweep(runs: list[dict[str, Any]]) -> Section:
         [p["replay_fraction"], p["scale"], p["digit_errors"], p["other_errors"], p["accuracy"]] for p in points
     ]
 
-    fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4.2))
-    for fraction in sorted({p["replay_fraction"] for p in points}):
-        curve = [p for p in points if p["replay_fraction"] == fraction]
-        for ax, key in ((left, "accuracy"), (right, "other_errors")):
-            ax.plot([p["digit_errors"] for p in curve], [p[key] for p in curve], marker=".", label=f"replay {fraction:g}")
-    left.plot([p["digit_errors"] for p in front], [p["accuracy"] for p in front], color="black", linewidth=3, alpha=0.3, label="frontier")
-    for ax, ylabel in ((left, "overall test accuracy"), (right, "other digits' test errors")):
-        ax.set_xscale("symlog", linthresh=10)
-        ax.set_xlabel("target-digit test errors (symlog)")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
-    fig.suptitle("Forgetting trade-off: each curve is a replay fraction at inference scales 0 (right end) to 1")
-    fig.tight_layout()
+    fig = figures.frontier(points, front)
 
     digit = runs[0]["digit"]
     plain = next((r for r in runs if r["replay_fraction"] == 0), None)
@@ -361,18 +339,7 @@ def learning_rates(runs: list[dict[str, Any]]) -> Section:
         [p["method"], p["rank"] or "", p["alpha"] or "", p["lr"], p["learned"], p["forgot"], *moved(p, "test").values()]
         for p in points]
 
-    fig, ax = pyplot().subplots(figsize=(7, 4.5))
-    for method, label in METHODS.items():
-        mine = [p for p in points if p["method"] == method]
-        dots = ax.scatter([p["forgot"] for p in mine], [p["learned"] for p in mine], s=14, alpha=0.5)
-        ax.plot([p["forgot"] for p in fronts[method]], [p["learned"] for p in fronts[method]], marker="o",
-                color=dots.get_facecolor()[0], label=f"{label} (frontier)")
-    ax.set_xscale("symlog", linthresh=10)
-    ax.set_xlabel("other digits' validation errors added (forgetting, symlog)")
-    ax.set_ylabel("target-digit validation errors removed (learning)")
-    ax.set_title(f"Learning against forgetting over learning rates, digit {digit}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig = figures.learning_rates(points, fronts, METHODS, digit)
 
     lrs = sorted({p["lr"] for p in points})
     ranks = sorted({p["rank"] for p in points if p["rank"]})
@@ -427,22 +394,7 @@ def digit_adapters(runs: list[dict[str, Any]]) -> Section:
     changes = [[r["lora_on"]["errors_per_digit"][str(d)] - r["base"]["errors_per_digit"][str(d)] for d in digits] for r in runs]
     table = [["adapter_digit"] + [f"change_digit_{d}" for d in digits]] + [[r["digit"], *row] for r, row in zip(runs, changes)]
 
-    from matplotlib.colors import SymLogNorm
-
-    fig, ax = pyplot().subplots(figsize=(6.5, 5.5))
-    limit = max(1, max(abs(v) for row in changes for v in row))
-    # Symmetric log colours: the fine-tuned digit's large drop would otherwise wash out the side effects.
-    image_data = ax.imshow(changes, cmap="RdBu_r", norm=SymLogNorm(linthresh=5, vmin=-limit, vmax=limit))
-    for i, row in enumerate(changes):
-        for j, value in enumerate(row):
-            ax.text(j, i, str(value), ha="center", va="center", fontsize=7)
-    ax.set_xticks(list(digits))
-    ax.set_yticks(range(len(runs)), [str(r["digit"]) for r in runs])
-    ax.set_xlabel("test digit")
-    ax.set_ylabel("adapter trained on digit")
-    ax.set_title("Change in test errors with each adapter on")
-    fig.colorbar(image_data, ax=ax, shrink=0.8)
-    fig.tight_layout()
+    fig = figures.digit_adapters(changes, [r["digit"] for r in runs])
 
     adapters = sum(r["adapter_file_bytes"] for r in runs)
     copies = sum(r["base_file_bytes"] for r in runs)
@@ -525,20 +477,7 @@ def compose(runs: list[dict[str, Any]]) -> Section:
         [v["name"], v["family"], v["accuracy"], v["digits_worse"], *(v["errors_per_digit"][d] for d in digits)] for v in ordered
     ]
 
-    fig, ax = pyplot().subplots(figsize=(7.5, 4.5))
-    floor = base["accuracy"] - 0.03  # the region where a variant could beat the base; the rest is counted, not drawn
-    for family, marker in zip(FAMILIES, "o^sx"):
-        members = [v for v in variants if v["family"] == family and v["accuracy"] >= floor]
-        ax.scatter([v["accuracy"] for v in members], [v["digits_worse"] for v in members], marker=marker, label=family, alpha=0.8)
-    ax.axvline(base["accuracy"], color="black", linewidth=1, linestyle="--", label="base model's accuracy")
-    ax.set_xlim(floor, max(v["accuracy"] for v in variants) + 0.005)
-    ax.set_ylim(-0.5, 10.5)
-    ax.set_xlabel("test accuracy")
-    ax.set_ylabel("digits with more test errors than the base")
-    hidden = sum(v["accuracy"] < floor for v in variants)
-    ax.set_title(f"Ten digit adapters on one base ({hidden} variants below {floor:.2f} accuracy not drawn)", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig = figures.compose(variants, FAMILIES, base["accuracy"])
 
     if winners:
         answer = (f"**Yes.** {len(winners)} of the {len(real)} combinations and routing rules have fewer test errors than "
