@@ -9,7 +9,8 @@ Its log splits the wall time into phases: DVC starting and stashing the experime
 each stage that runs (its process, imports included), and the rest (DVC checking the skipped stages, committing
 the experiment, cleaning up). Then `python -m flows.sweep` runs four points with --jobs 2, for the time a point
 costs through the flow (its temporary Prefect server included), and the same four with --batched (one experiment,
-one process), whose table must give every point the same numbers.
+one process), whose table must give every point the same numbers; then --batched with twelve points, so that the
+difference gives what each point adds to a batch beyond the fixed cost of the flow, its server and the experiment.
 """
 from __future__ import annotations
 
@@ -74,14 +75,14 @@ def main() -> None:
             walls.append(time.perf_counter() - started)
             runs.append(phases(result.stdout + result.stderr))
         seconds, tables = {}, {}
-        for mode in ("--jobs", "--batched"):
+        for mode, ranks in (("--jobs", range(11, 15)), ("--batched", range(11, 15)), ("--batched-12", range(31, 43))):
             started = time.perf_counter()
-            flow = subprocess.run([sys.executable, "-m", "flows.sweep", "-S", "lora.rank=11,12,13,14", "--prefix", mode[2:],
-                                   *(["--jobs", "2"] if mode == "--jobs" else ["--batched"])], cwd=repo, env=env,
-                                  capture_output=True, text=True, check=True)
+            flow = subprocess.run([sys.executable, "-m", "flows.sweep", "-S", f"lora.rank={','.join(map(str, ranks))}",
+                                   "--prefix", mode[2:], *(["--jobs", "2"] if mode == "--jobs" else ["--batched"])],
+                                  cwd=repo, env=env, capture_output=True, text=True, check=True)
             seconds[mode] = time.perf_counter() - started
             tables[mode] = [line.split()[1:] for line in flow.stdout.strip().splitlines()[-4:]]  # without the experiment
-    if tables["--jobs"] != tables["--batched"]:
+    if tables["--jobs"] != tables["--batched"]:  # the 12-point batch has ranks of its own
         sys.exit(f"the batched sweep's numbers differ from the per-point sweep's: {tables}")
     emit(f"{os.cpu_count()} cores; medians over {len(runs)} points, one at a time; the repo holds experiments/ too, "
          "whose dvc.lock every DVC command reads")
@@ -96,6 +97,10 @@ def main() -> None:
         emit(f"- `python -m flows.sweep -S lora.rank=11,12,13,14 {flags}`: {seconds[mode]:.1f} s, {seconds[mode] / 4:.1f} s a "
              "point (its temporary Prefect server included)")
     emit(f"- the two give every point the same numbers; batched is {seconds['--jobs'] / seconds['--batched']:.1f} times as fast")
+    added = (seconds["--batched-12"] - seconds["--batched"]) / 8
+    emit(f"- `--batched` with 12 points (lora.rank=31,…,42): {seconds['--batched-12']:.1f} s; each point beyond the "
+         f"first four added {added:.1f} s, the rest ({seconds['--batched'] - 4 * added:.1f} s) is fixed: the Prefect server, "
+         "the flow, the experiment and the process's start")
     if args.write:
         emit.write_into(args.write, "bench.sweep_point")
 

@@ -29,9 +29,20 @@ def worktree_status(repo: Path) -> str:
     return sh(repo, "git", "status", "--short")
 
 
-def test_dvc_repro_on_real_mnist_then_a_rank_experiment_reruns_only_finetune_and_evaluate(repo_copy):
+def outputs_in_lock(text: str) -> dict[str, str]:
+    """Each output's path and md5 in a dvc.lock."""
+    import yaml
+
+    return {out["path"]: out["md5"] for stage in yaml.safe_load(text)["stages"].values() for out in stage.get("outs", [])}
+
+
+def test_dvc_repro_on_real_mnist_remakes_the_committed_outputs_then_a_rank_experiment_reruns_only_finetune_and_evaluate(
+        repo_copy):
     repo = init_repo(repo_copy, "as shipped")
     sh(repo, "dvc", "repro")
+    # the same bits on this CPU as where they were committed: weights, adapter, metrics, reports (not code-dep hashes)
+    assert outputs_in_lock((repo / "dvc.lock").read_text()) == outputs_in_lock(sh(repo, "git", "show", "HEAD:dvc.lock"))
+    assert worktree_status(repo).split() in ([], ["M", "dvc.lock"])
     raw = repo / "data" / "mnist" / "raw"
     assert sorted(p.name for p in raw.iterdir()) == sorted(MNIST_SHA256)
     result = json.loads((repo / "metrics" / "evaluate.json").read_text())
