@@ -43,11 +43,17 @@ def git(*args: str, cwd: Path | None = None) -> str:
     return _run("git", ["git"], args, cwd)
 
 
+def dag(*args: str, cwd: Path | None = None) -> tuple[list[str], list[tuple[str, str]]]:
+    """The nodes and the (upstream, downstream) edges of `dvc dag --dot ARGS`: stages, or with --outs outputs."""
+    dot = dvc("dag", "--dot", *args, cwd=cwd)
+    return re.findall(r'^"([^"]+)";$', dot, re.M), re.findall(r'^"([^"]+)" -> "([^"]+)";$', dot, re.M)
+
+
 def stage_order(cwd: Path | None = None) -> list[str]:
-    """dvc.yaml's stages in an order DVC can run them, from `dvc dag --dot` (edges run upstream -> downstream)."""
-    dot = dvc("dag", "--dot", cwd=cwd)
-    graph: dict[str, set[str]] = {name: set() for name in re.findall(r'^"([^"]+)";$', dot, re.M)}
-    for upstream, downstream in re.findall(r'^"([^"]+)" -> "([^"]+)";$', dot, re.M):
+    """dvc.yaml's stages in an order DVC can run them, from `dvc dag`."""
+    nodes, edges = dag(cwd=cwd)
+    graph: dict[str, set[str]] = {name: set() for name in nodes}
+    for upstream, downstream in edges:
         graph[downstream].add(upstream)
     order = graphlib.TopologicalSorter(graph).static_order()
     return [name for name in order if ":" not in name]  # experiments/dvc.yaml's stages are named file:stage

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from prefect import flow
 
-from flows.dvc import CommandFailed, check_names, dvc, experiment_metrics, git, set_params
+from flows.dvc import CommandFailed, check_names, dag, dvc, experiment_metrics, git, set_params
 from lora_mnist.params import load_raw, with_overrides
 
 TRAIN_DEPLOYMENT = "lora-mnist-train/gpu"
@@ -77,7 +77,7 @@ def check_experiment(name: str, commit: str) -> str:
     changed = git("diff", "--name-only", "-z", commit, refs[0]).split("\0")
     if outside := [path for path in changed if path and not path.startswith(RETURNED)]:
         raise HandoffRefused(f"experiment {name!r} changes {outside}: only {list(RETURNED)} come back")
-    declared = set(re.findall(r'^"([^"]+)";$', dvc("dag", "--outs", "--dot", "dvc.yaml"), re.M))  # dvc.yaml's outputs
+    declared = set(dag("--outs", "dvc.yaml")[0])  # dvc.yaml's outputs
     before = lock_outputs(commit)
     for path, md5 in lock_outputs(refs[0]).items():
         is_dir = md5.endswith(".dir")
