@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -94,17 +95,17 @@ def check_experiment(name: str, commit: str) -> str:
     return refs[0]
 
 
-def lock_stages(rev: str) -> dict[str, Any]:
+def lock_stages(rev: str, cwd: Path | None = None) -> dict[str, Any]:
     """dvc.lock's entry of each stage at ``rev`` (none where that commit has no dvc.lock yet)."""
     try:
-        return yaml.safe_load(git("show", f"{rev}:dvc.lock"))["stages"]
+        return yaml.safe_load(git("show", f"{rev}:dvc.lock", cwd=cwd))["stages"]
     except CommandFailed:
         return {}
 
 
-def lock_outputs(rev: str) -> dict[str, str]:
+def lock_outputs(rev: str, cwd: Path | None = None) -> dict[str, str]:
     """Each output's hash in dvc.lock at ``rev``."""
-    return {out["path"]: str(out.get("md5", "")) for entry in lock_stages(rev).values() for out in entry.get("outs", [])}
+    return {out["path"]: str(out.get("md5", "")) for entry in lock_stages(rev, cwd).values() for out in entry.get("outs", [])}
 
 
 @flow(name="lora-mnist-train", log_prints=True)
