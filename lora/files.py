@@ -87,16 +87,41 @@ def discard(tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
+class Staging:
+    """Temporaries beside their final places, for :func:`staged`: each place is written once."""
+
+    def __init__(self) -> None:
+        self.staged: dict[Path, Path] = {}  # final place -> temporary
+
+    def stage(self, path: str | os.PathLike, directory: bool = False) -> Path:
+        """A new temporary file (or directory) that becomes ``path`` when the block ends well."""
+        path = Path(path)
+        if path in self.staged:
+            raise ValueError(f"{path} is written twice in one run")
+        self.staged[path] = temporary_beside(path, directory)
+        return self.staged[path]
+
+
+@contextmanager
+def staged(staging: Staging | None = None) -> Iterator[Staging]:
+    """Stage several outputs; when the block ends well, sync them all (a full disk shows here, while every output is
+    still the previous one), then rename them all into place. Otherwise every temporary is removed."""
+    staging = Staging() if staging is None else staging
+    try:
+        yield staging
+        for tmp in staging.staged.values():
+            sync(tmp)
+        for path, tmp in staging.staged.items():
+            move_into_place(tmp, path)
+    finally:
+        for tmp in staging.staged.values():
+            discard(tmp)
+
+
 @contextmanager
 def _atomic(path: str | os.PathLike, directory: bool) -> Iterator[Path]:
-    path = Path(path)
-    tmp = temporary_beside(path, directory)
-    try:
-        yield tmp
-        sync(tmp)
-        move_into_place(tmp, path)
-    finally:
-        discard(tmp)
+    with staged() as staging:
+        yield staging.stage(path, directory)
 
 
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
@@ -136,3 +161,15 @@ def non_finite(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = Non
 
     return [name for name, t in tensors.items()
             if t.is_floating_point() and not torch.isfinite(t if dtype is None else t.to(dtype)).all()]
+
+
+def weights_problem(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> str | None:
+    """Why ``tensors`` cannot be weights, or None: an integer or bool tensor (refused, not cast), or NaN or infinity
+    (in ``dtype`` when given, see :func:`non_finite`)."""
+    if integer := sorted(name for name, t in tensors.items() if not t.is_floating_point()):
+        return (f"tensor {integer[0]} is {tensors[integer[0]].dtype}; weights are floating-point (an integer or bool "
+                "tensor is refused, not cast)")
+    if bad := non_finite(tensors, dtype):
+        cast = f" once cast to {dtype} from {tensors[bad[0]].dtype}" if dtype not in (None, tensors[bad[0]].dtype) else ""
+        return f"non-finite values in tensor {bad[0]}{cast}" + (f" and {len(bad) - 1} more" if bad[1:] else "")
+    return None

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoRAConfig, LoRAConfigError
-from .files import discard, file_sha256, move_into_place, non_finite, sync, temporary_beside, tensors_sha256
+from .files import file_sha256, non_finite, staged, tensors_sha256, weights_problem
 from .layer import LoRALinear, LoRAMergeError, adapter_dtype
 from .model import DEFAULT_ADAPTER, adapter_state_dict, base_state_dict, inject, lora_layers, target_names
 
@@ -65,20 +65,13 @@ def save_adapter(
     # The provenance is renamed in first: it names the new weights' sha256 and the new config, so a save cut off
     # after it leaves files that disagree with it and are refused on load, even over an adapter PEFT saved.
     names = (PROVENANCE_NAME, WEIGHTS_NAME, CONFIG_NAME)
-    temporaries = {name: temporary_beside(directory / name) for name in names}
-    try:
+    with staged() as staging:  # renamed in the order staged
+        temporaries = {name: staging.stage(directory / name) for name in names}
         save_file(tensors, temporaries[WEIGHTS_NAME])
         temporaries[CONFIG_NAME].write_text(json.dumps(_peft_config(config), indent=2) + "\n")
         provenance = {"lora_config": config.to_dict(), "base_weights_sha256": base_weights_sha256(model),
                       "weights_sha256": file_sha256(temporaries[WEIGHTS_NAME]), **(info or {})}
         temporaries[PROVENANCE_NAME].write_text(json.dumps(provenance, indent=2) + "\n")
-        for name in names:
-            sync(temporaries[name])
-        for name in names:
-            move_into_place(temporaries[name], directory / name)
-    finally:
-        for tmp in temporaries.values():
-            discard(tmp)
     return provenance
 
 
@@ -134,13 +127,8 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, to
             mismatched.append("target_modules")
         if mismatched:
             raise AdapterLoadError(f"{directory / PROVENANCE_NAME}: disagrees with {CONFIG_NAME} on {mismatched}")
-    if integer := sorted(name for name, tensor in tensors.items() if not tensor.is_floating_point()):
-        dtype = tensors[integer[0]].dtype
-        raise AdapterLoadError(f"{weights_path}: {integer[0]} is {dtype}: LoRA weights are floating-point tensors "
-                               "(an integer or bool tensor is refused, not cast)")
-    bad = non_finite(tensors)
-    if bad:
-        raise AdapterLoadError(f"{weights_path}: non-finite values in {bad}")
+    if problem := weights_problem(tensors):
+        raise AdapterLoadError(f"{weights_path}: {problem}")
     return config, tensors, provenance
 
 

@@ -7,38 +7,28 @@ import csv
 import io
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lora.files import discard, move_into_place, non_finite, sync, temporary_beside
+from lora.files import Staging, non_finite, staged, weights_problem
 
 from .errors import WeightsError
 
 
-class Outputs:
+class Outputs(Staging):
     """The outputs of one run, each written to a temporary beside its place; see :func:`staged_outputs`."""
-
-    def __init__(self) -> None:
-        self.staged: dict[Path, Path] = {}  # final place -> temporary
-
-    def _stage(self, path: str | os.PathLike, directory: bool) -> Path:
-        path = Path(path)
-        if path in self.staged:
-            raise ValueError(f"{path} is written twice in one run")
-        self.staged[path] = temporary_beside(path, directory)
-        return self.staged[path]
 
     def file(self, path: str | os.PathLike) -> Path:
         """A temporary file that becomes ``path``."""
-        return self._stage(path, directory=False)
+        return self.stage(path)
 
     def directory(self, path: str | os.PathLike) -> Path:
         """A temporary directory that replaces ``path`` as a whole."""
-        return self._stage(path, directory=True)
+        return self.stage(path, directory=True)
 
     def text(self, path: str | os.PathLike, text: str) -> None:
         self.file(path).write_text(text)
@@ -60,20 +50,9 @@ def csv_text(rows: Iterable[Sequence[Any]]) -> str:
     return buffer.getvalue()
 
 
-@contextmanager
-def staged_outputs() -> Iterator[Outputs]:
-    """Stage a run's outputs; when the block ends well, sync them all (a full disk shows here, while every output is
-    still the previous one), then rename them all into place. Otherwise every temporary is removed."""
-    outputs = Outputs()
-    try:
-        yield outputs
-        for tmp in outputs.staged.values():
-            sync(tmp)
-        for path, tmp in outputs.staged.items():
-            move_into_place(tmp, path)
-    finally:
-        for tmp in outputs.staged.values():
-            discard(tmp)
+def staged_outputs() -> AbstractContextManager[Outputs]:
+    """Stage a run's outputs, renamed into place together once all are written and synced (lora.files.staged)."""
+    return staged(Outputs())
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
@@ -102,9 +81,6 @@ def load_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
         tensors = load_file(path)
     except Exception as exc:  # safetensors raises its own error types for damaged files
         raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from None
-    if integer := [name for name, t in tensors.items() if not t.is_floating_point()]:
-        raise WeightsError(f"{path}: tensor {integer[0]} is {tensors[integer[0]].dtype}; weights are floating-point")
-    if bad := non_finite(tensors, dtype):
-        cast = f" once cast to {dtype} from {tensors[bad[0]].dtype}" if tensors[bad[0]].dtype != dtype else ""
-        raise WeightsError(f"{path}: non-finite values in tensor {bad[0]}{cast}" + (f" and {len(bad) - 1} more" if bad[1:] else ""))
+    if problem := weights_problem(tensors, dtype):
+        raise WeightsError(f"{path}: {problem}")
     return tensors

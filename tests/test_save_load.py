@@ -200,7 +200,7 @@ def test_an_integer_or_bool_adapter_tensor_is_refused_not_cast(tmp_path, dtype):
     save_adapter(trained_model(), tmp_path / "adapter")
     _rewrite(tmp_path, lambda t: t.update({k: v.to(dtype) for k, v in t.items() if k.endswith("linear2.lora_B.weight")}))
     model = fresh_base()
-    with pytest.raises(AdapterLoadError, match=f"linear2.lora_B.weight is {dtype}: LoRA weights are floating-point"):
+    with pytest.raises(AdapterLoadError, match=f"linear2.lora_B.weight is {dtype}; weights are floating-point"):
         load_adapter(model, tmp_path / "adapter")
     assert not lora_layers(model)
 

@@ -233,7 +233,8 @@ def test_a_missing_or_damaged_analysis_stops_finetune_in_one_line(project, capsy
     (lambda t: t["linear2.bias"].__setitem__(3, float("nan")), "non-finite values in tensor linear2.bias"),
     (lambda t: t.update({"linear1.bias": t["linear1.bias"].double().fill_(1e300)}),  # finite in float64 only
      "non-finite values in tensor linear1.bias once cast to torch.float32 from torch.float64"),
-    (lambda t: t.update({"linear3.bias": t["linear3.bias"].to(torch.int8)}), "tensor linear3.bias is torch.int8; weights are floating-point"),
+    (lambda t: t.update({"linear3.bias": t["linear3.bias"].to(torch.int8)}),
+     "tensor linear3.bias is torch.int8; weights are floating-point (an integer or bool tensor is refused, not cast)"),
 ])
 def test_base_weights_that_are_not_finite_floats_in_the_models_dtype_are_refused_naming_the_tensor(project, capsys, damage, message):
     from lora.files import file_sha256
@@ -397,12 +398,12 @@ EVALUATE_OUTPUTS = ("metrics/evaluate.json", "reports/per_digit_errors.csv", "re
 def test_a_full_disk_during_evaluate_keeps_the_previous_outputs_as_a_whole_set(project, capsys, monkeypatch):
     import errno
 
-    from lora_mnist import io
+    from lora import files
 
     run_all()
     before = {name: (project / name).read_bytes() for name in EVALUATE_OUTPUTS}
     set_params(project / "params.yaml", **{"backend": "torch"})  # a rerun would rewrite every output
-    real_sync, synced = io.sync, []
+    real_sync, synced = files.sync, []
 
     def sync_until_full(tmp):
         if len(synced) == 3:  # three outputs staged and flushed, the fourth finds the disk full
@@ -410,7 +411,7 @@ def test_a_full_disk_during_evaluate_keeps_the_previous_outputs_as_a_whole_set(p
         synced.append(tmp)
         real_sync(tmp)
 
-    monkeypatch.setattr(io, "sync", sync_until_full)
+    monkeypatch.setattr(files, "sync", sync_until_full)
     error = one_line_error(evaluate.main, capsys)
     assert "No space left on device; the previous outputs are kept" in error
     assert {name: (project / name).read_bytes() for name in EVALUATE_OUTPUTS} == before
