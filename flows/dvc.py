@@ -9,13 +9,9 @@ import re
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-from lora_mnist.errors import EXPECTED_ERRORS
-from lora_mnist.params import ParamsError
 
 EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # what DVC and git take as one experiment ref
 
@@ -103,16 +99,6 @@ class CommandLine(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message}\n")
-
-
-@contextmanager
-def one_line_errors() -> Iterator[None]:
-    """For the flow commands: a known failure becomes one line on stderr and exit status 2."""
-    try:
-        yield
-    except (*EXPECTED_ERRORS, OSError, ParamsError, CommandFailed, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)  # Prefect has logged the traceback already
-        sys.exit(2)
 
 
 def require_prefect_api() -> None:

@@ -18,8 +18,9 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows.dvc import CommandLine, dvc, one_line_errors, require_prefect_api
+from flows.dvc import CommandFailed, CommandLine, dvc, require_prefect_api
 from flows.pipeline import repro
+from lora_mnist.cli import one_line_errors
 from lora_mnist.paths import EXPERIMENT_REPORT, EXPERIMENT_SUMMARY
 
 PIPELINE = "experiments/dvc.yaml"
@@ -48,7 +49,7 @@ def main() -> None:
     parser.add_argument("--group", dest="groups", action="append", help="a stage of experiments/dvc.yaml, repeatable; "
                         "all by default")
     args = parser.parse_args()
-    with one_line_errors():
+    with one_line_errors(CommandFailed, ValueError):
         groups = check_groups(args.groups)  # refused before a temporary Prefect server starts
         require_prefect_api()
         result = experiments(groups=groups)

@@ -20,9 +20,10 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.dvc import (CommandLine, check_names, dvc, experiment_metrics, how_ran, one_line_errors, require_prefect_api,
+from flows.dvc import (CommandFailed, CommandLine, check_names, dvc, experiment_metrics, how_ran, require_prefect_api,
                        set_params, stage_order)
 from flows.gpu import TRAINING_MODES, gpu_pool_unavailable, run_on_gpu_pool
+from lora_mnist.cli import one_line_errors
 from lora_mnist.params import load_raw, parse_overrides, with_overrides
 from lora_mnist.paths import EVALUATE_METRICS, FINETUNE_METRICS
 
@@ -102,7 +103,7 @@ def main() -> None:
     parser.add_argument("--training", choices=TRAINING_MODES, default="auto")
     parser.add_argument("--name", help="the experiment's name when params are overridden")
     args = parser.parse_args()
-    with one_line_errors():
+    with one_line_errors(CommandFailed, ValueError):
         overrides = parse_overrides(args.overrides)
         name = check_run(overrides, args.training, args.name)  # refused before a temporary Prefect server starts
         require_prefect_api()

@@ -26,8 +26,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.dvc import (CommandFailed, CommandLine, check_names, dvc, experiment_metrics, one_line_errors, require_prefect_api,
+from flows.dvc import (CommandFailed, CommandLine, check_names, dvc, experiment_metrics, require_prefect_api,
                        set_params)
+from lora.config import is_integer
+from lora_mnist.cli import one_line_errors
 from lora_mnist.params import check_batched_grid, grid_points, load_raw, parse_grid, with_overrides
 from lora_mnist.paths import EVALUATE_METRICS, SWEEP_GRID, SWEEP_RESULT
 
@@ -45,7 +47,7 @@ def point_name(prefix: str, point: dict[str, Any]) -> str:
 def plan(grid: Any, prefix: Any, jobs: Any, batched: Any = False) -> dict[str, dict[str, Any]]:
     """Each DVC experiment of the sweep by name, as its `-S` overrides: one point's, or with ``batched`` the whole grid
     in experiments/sweep.yaml. Every point is checked as check_params would: refused before anything runs."""
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+    if not (is_integer(jobs) and jobs >= 1):
         raise ValueError(f"jobs={jobs!r} is invalid: an integer >= 1 is allowed")
     if not isinstance(prefix, str) or not PREFIX.fullmatch(prefix):
         raise ValueError(f"prefix={prefix!r} is invalid: up to 50 letters, digits, '_' and '-', starting with a letter or digit")
@@ -156,7 +158,7 @@ def main() -> None:
     parser.add_argument("--batched", action="store_true", help="one experiment: every point in one process (finetune.* "
                         "and lora.* keys)")
     args = parser.parse_args()
-    with one_line_errors():
+    with one_line_errors(CommandFailed, ValueError):
         grid = parse_grid(args.grid)
         experiments = plan(grid, args.prefix, args.jobs, args.batched)  # refused before a temporary Prefect server starts
         require_prefect_api()

@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .config import is_finite_number
+from .config import is_finite_number, is_integer
 from .layer import LoRALinear
 from .model import adapters_of, lora_layers
 
@@ -121,7 +121,7 @@ def _check(model: nn.Module, adapters: list[str], weights: list[float], adapter_
     if kind == "cat":
         return sum(ranks)
     if on_delta:
-        if svd_rank is not None and not (isinstance(svd_rank, int) and not isinstance(svd_rank, bool) and svd_rank >= 1):
+        if svd_rank is not None and not (is_integer(svd_rank) and svd_rank >= 1):
             raise ValueError(f"svd_rank={svd_rank!r} is invalid: an integer >= 1 is allowed")
         return svd_rank or max(ranks)
     if len(set(ranks)) != 1:

@@ -16,6 +16,11 @@ class LoRAConfigError(ValueError):
         self.field, self.value, self.allowed = field, value, allowed
 
 
+def is_integer(value: Any) -> bool:
+    """An int, not a bool (YAML's true is not a rank of 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def is_finite_number(value: Any) -> bool:
     """A finite int or float, not a bool; an int too large for a float (10**400) is not."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -92,7 +97,7 @@ class LoRAConfig:
             if isinstance(getattr(self, name), dict):  # a frozen copy: the config must not change with the caller's dict
                 object.__setattr__(self, name, Pattern(getattr(self, name)))
         checks = [
-            ("r", isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1, "an integer >= 1"),
+            ("r", is_integer(self.r) and self.r >= 1, "an integer >= 1"),
             ("r", not isinstance(self.r, int) or self.r <= MAX_RANK, f"an integer up to {MAX_RANK}"),
             ("alpha", is_finite_number(self.alpha) and self.alpha > 0, "a finite number > 0"),
             ("dropout", is_finite_number(self.dropout) and 0.0 <= self.dropout < 1.0, "a number in [0, 1)"),
@@ -155,7 +160,7 @@ class LoRAConfig:
 
 
 def _is_rank(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_RANK
+    return is_integer(value) and 1 <= value <= MAX_RANK
 
 
 def _is_pattern(pattern: Any, valid_value: Any) -> bool:

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .errors import EXPECTED_ERRORS
@@ -10,10 +11,17 @@ from .params import Params, ParamsError, load_params
 
 
 def run_stage(stage: Callable[[Params], Any], *more_errors: type[BaseException]) -> None:
-    """Run ``stage(params)``; an expected failure (the experiment's, a ParamsError, one of ``more_errors``, or the
+    """Run ``stage(params)``, its expected failures (and ``more_errors``) each one line: see one_line_errors."""
+    with one_line_errors(*more_errors):
+        stage(load_params())
+
+
+@contextmanager
+def one_line_errors(*more_errors: type[BaseException]) -> Iterator[None]:
+    """For every command: an expected failure (the experiment's, a ParamsError, one of ``more_errors``, or the
     system's: a full disk, a read-only directory, no memory) becomes one line on stderr and exit status 2."""
     try:
-        stage(load_params())
+        yield
     except (*EXPECTED_ERRORS, ParamsError, *more_errors) as exc:
         _fail(str(exc))
     except OSError as exc:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from lora.config import MAX_SCALING, LoRAConfig, LoRAConfigError, is_finite_number
+from lora.config import MAX_SCALING, LoRAConfig, LoRAConfigError, is_finite_number, is_integer
 
 PARAMS_FILE = Path("params.yaml")
 BACKENDS = ("auto", "torch")  # lora_mnist.backend: the fast paths, or plain PyTorch
@@ -46,12 +46,8 @@ def _rule(check: Callable[[Any], bool], allowed: str) -> Any:
     return field(metadata={"check": check, "allowed": allowed})
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _count(v: Any) -> bool:
-    return _is_int(v) and 1 <= v < INT_LIMIT
+    return is_integer(v) and 1 <= v < INT_LIMIT
 
 
 def _positive(v: Any) -> bool:
@@ -63,9 +59,9 @@ COUNT = "an integer in [1, 2**63)"
 
 @dataclass(frozen=True)
 class Data:
-    validation: int = _rule(lambda v: _is_int(v) and 1 <= v < MNIST_TRAIN_IMAGES,
+    validation: int = _rule(lambda v: is_integer(v) and 1 <= v < MNIST_TRAIN_IMAGES,
                             f"an integer in [1, {MNIST_TRAIN_IMAGES}) (training images held out)")
-    split_seed: int = _rule(lambda v: _is_int(v) and 0 <= v < INT_LIMIT, "an integer in [0, 2**63)")
+    split_seed: int = _rule(lambda v: is_integer(v) and 0 <= v < INT_LIMIT, "an integer in [0, 2**63)")
 
 
 @dataclass(frozen=True)
@@ -104,8 +100,8 @@ class Pretrain:
 
 @dataclass(frozen=True)
 class Finetune:
-    digit: int | str = _rule(lambda v: v == "auto" or (_is_int(v) and 0 <= v <= 9), "'auto' or a digit 0-9")
-    steps: int = _rule(lambda v: _is_int(v) and 1 <= v <= MAX_STEPS, f"an integer in [1, {MAX_STEPS:.0e}]")
+    digit: int | str = _rule(lambda v: v == "auto" or (is_integer(v) and 0 <= v <= 9), "'auto' or a digit 0-9")
+    steps: int = _rule(lambda v: is_integer(v) and 1 <= v <= MAX_STEPS, f"an integer in [1, {MAX_STEPS:.0e}]")
     batch_size: int = _rule(_count, COUNT)
     lr: float = _rule(_positive, "a finite number > 0")
     replay_fraction: float = _rule(lambda v: is_finite_number(v) and 0 <= v < 1, "a number in [0, 1)")
@@ -118,7 +114,7 @@ LORA_FIELDS = {"rank": "r", "alpha": "alpha", "dropout": "dropout", "init": "ini
 
 @dataclass(frozen=True)
 class Params:
-    seed: int = _rule(lambda v: _is_int(v) and 0 <= v < INT_LIMIT, "an integer in [0, 2**63)")
+    seed: int = _rule(lambda v: is_integer(v) and 0 <= v < INT_LIMIT, "an integer in [0, 2**63)")
     device: str = _rule(lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
                         "'auto', 'cpu', 'cuda' or 'cuda:N'")
     backend: str = _rule(lambda v: v in BACKENDS, f"one of {', '.join(map(repr, BACKENDS))}")

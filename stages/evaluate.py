@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from lora import AdapterLoadError, disable_adapter, load_adapter
+from lora.config import is_integer
 from lora.save_load import PROVENANCE_NAME
 from lora_mnist.artifacts import load_base_model, load_data
 from lora_mnist.cli import run_stage
@@ -82,7 +83,7 @@ def validation_scores(params: Params, model: torch.nn.Module, digit: int) -> dic
 def provenance_digit(provenance: dict[str, Any]) -> int:
     """The digit the adapter was fine-tuned on, as its provenance file records it."""
     digit = provenance.get("digit")
-    if isinstance(digit, bool) or not isinstance(digit, int) or not 0 <= digit <= 9:
+    if not (is_integer(digit) and 0 <= digit <= 9):
         raise DataError(f"{ADAPTER_DIR / PROVENANCE_NAME}: digit={digit!r} is invalid: a digit 0-9 is allowed; "
                         "`dvc repro finetune` rebuilds the adapter")
     return digit
