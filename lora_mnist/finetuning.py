@@ -5,10 +5,11 @@ from typing import Any
 
 import torch
 
-from lora import inject, mark_only_lora_trainable
+from lora import base_weights_sha256, inject, mark_only_lora_trainable
 
 from .batches import finetune_selection
 from .errors import DataError
+from .integrity import check_integrity
 from .params import Params
 from .train import train
 
@@ -35,3 +36,15 @@ def train_on_digit(params: Params, model: torch.nn.Module, images: torch.Tensor,
     selection = training_set(params, labels, digit)
     return train(model, images[selection], labels[selection], steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                  seed=params.seed, backend=params.backend, optimizer=optimizer, desc=f"finetune digit {digit}")
+
+
+def fine_tune_checked(params: Params, model: torch.nn.Module, train_data: tuple[torch.Tensor, torch.Tensor], digit: int,
+                      test_images: torch.Tensor, base_test_logits: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """An experiment point's fine-tuning: LoRA added to ``model`` and trained on ``digit``, then the integrity check
+    (the base's hash unchanged, LoRA off giving ``base_test_logits`` bit for bit); returns the per-step losses and
+    the base's hash before fine-tuning."""
+    sha_before = base_weights_sha256(model)
+    add_adapter(params, model)
+    losses = train_on_digit(params, model, *train_data, digit)
+    check_integrity(model, test_images, base_test_logits, {"before fine-tuning": sha_before}, params.backend)
+    return losses, sha_before

@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
-from lora import AdapterLoadError, LoRAConfigError, base_weights_sha256, trainable_parameters
+from lora import AdapterLoadError, LoRAConfigError, trainable_parameters
 from lora_mnist.artifacts import load_base_model, load_data
 from lora_mnist.cli import run_stage
-from lora_mnist.finetuning import add_adapter, train_on_digit
-from lora_mnist.integrity import check_integrity, require_finite
+from lora_mnist.finetuning import fine_tune_checked
+from lora_mnist.integrity import require_finite
 from lora_mnist.io import write_json
 from lora_mnist.metrics import chosen_digit, predict, summarize
 from lora_mnist.params import (Params, ParamsError, check_batched_grid, grid_points, load_raw, parse_grid, read_yaml,
@@ -60,14 +60,11 @@ def run(defaults: Params) -> dict[str, Any]:
     base = load_base_model(defaults, device)
     base_logits = {split: predict(base, data[split][0], backend) for split in ("validation", "test")}
     base_scores = {split: summarize(data[split][1], logits) for split, logits in base_logits.items()}
-    sha_before = base_weights_sha256(base)
     rows = []
     for point, params in points:
         digit = chosen_digit(params.finetune.digit, base_scores["validation"]["errors_per_digit"])
         model = copy.deepcopy(base)
-        add_adapter(params, model)
-        losses = train_on_digit(params, model, *data["train"], digit)
-        check_integrity(model, data["test"][0], base_logits["test"], {"before fine-tuning": sha_before}, backend)
+        losses, _ = fine_tune_checked(params, model, data["train"], digit, data["test"][0], base_logits["test"])
         rows.append({"overrides": point, "trainable_parameters": trainable_parameters(model)[0],
                      "loss_last_10": round(float(losses[-10:].mean()), 6),
                      **scores(model, data, base_logits, base_scores, digit, backend)})

@@ -23,12 +23,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lora import AdapterLoadError, LoRAConfigError, base_weights_sha256, save_adapter, set_inference_scale, trainable_parameters
+from lora import AdapterLoadError, LoRAConfigError, save_adapter, set_inference_scale, trainable_parameters
 from lora.save_load import WEIGHTS_NAME
 from lora_mnist.artifacts import load_base_model, load_data
 from lora_mnist.cli import run_stage
-from lora_mnist.finetuning import add_adapter, train_on_digit
-from lora_mnist.integrity import check_integrity, require_finite
+from lora_mnist.finetuning import fine_tune_checked
+from lora_mnist.integrity import require_finite
 from lora_mnist.io import save_tensors, staged_outputs
 from lora_mnist.metrics import chosen_digit, per_digit, predict, summarize
 from lora_mnist.params import Params, ParamsError, grid_points, load_raw, parse_grid, with_overrides
@@ -69,10 +69,7 @@ def trial(params: Params, name: str, pretrain: bool, data: dict[str, Any], out: 
     base = {split: summarize(data[split][1], base_logits[split]) for split in base_logits}
     digit = chosen_digit(params.finetune.digit, base["validation"]["errors_per_digit"])
 
-    sha_before = base_weights_sha256(model)
-    add_adapter(params, model)
-    losses = train_on_digit(params, model, images, labels, digit)
-    check_integrity(model, data["test"][0], base_logits["test"], {"before fine-tuning": sha_before}, backend)
+    losses, sha_before = fine_tune_checked(params, model, (images, labels), digit, data["test"][0], base_logits["test"])
     trainable, total = trainable_parameters(model)
     save_adapter(model, out / name, info={"digit": digit, "trial": name, "base_weights_sha256_before": sha_before})
 
@@ -84,7 +81,9 @@ def trial(params: Params, name: str, pretrain: bool, data: dict[str, Any], out: 
             summary = summarize(data[split][1], logits)
             curves[split].append({"scale": scale, "accuracy": summary["accuracy"],
                                   "errors_per_digit": per_digit(summary["errors_per_digit"])})
-    paired = mcnemar_on_vs_off(data["test"][1], base_logits["test"], logits)  # the loop ends at scale 1: LoRA on as trained
+            if split == "test" and scale == 1:
+                on_test_logits = logits  # LoRA on as trained
+    paired = mcnemar_on_vs_off(data["test"][1], base_logits["test"], on_test_logits)
     return {
         "name": name, "seed": params.seed, "digit": digit, "rank": config.r, "alpha": config.alpha,
         "scaling": config.scaling, "replay_fraction": params.finetune.replay_fraction, "steps": params.finetune.steps,
