@@ -29,9 +29,9 @@ from lora_mnist.paths import EVALUATE_METRICS, FINETUNE_METRICS
 
 
 @task(task_run_name="{stage}", retries=1, retry_delay_seconds=5)  # a network source can hiccup in download
-def repro(stage: str) -> dict[str, str]:
-    """`dvc repro STAGE` (a stage of dvc.yaml, or file:stage), and how it ran."""
-    return {"stage": stage, "ran": how_ran(dvc("repro", stage), stage)}
+def repro(stage: str, options: tuple[str, ...] = ()) -> dict[str, str]:
+    """`dvc repro [OPTIONS] STAGE` (a stage of dvc.yaml, or file:stage), and how it ran."""
+    return {"stage": stage, "ran": how_ran(dvc("repro", *options, stage), stage)}
 
 
 @task(task_run_name="dvc exp run --temp -n {name}")
@@ -107,6 +107,8 @@ def main() -> None:
         overrides = parse_overrides(args.overrides)
         name = check_run(overrides, args.training, args.name)  # refused before a temporary Prefect server starts
         require_prefect_api()
+        if args.training == "gpu-pool" and (unavailable := gpu_pool_unavailable()):
+            raise ValueError(f"training='gpu-pool' is not possible: {unavailable}")
         result = pipeline(overrides=overrides, training=args.training, experiment_name=name)
     for run in result["stages"]:
         print(f"{run['stage']}: {run['ran']}")

@@ -20,7 +20,7 @@ from lora_mnist import report
 from lora_mnist.params import load_params
 from lora_mnist.paths import BASE_WEIGHTS
 from stages import full_finetune, learning_rates, pretrain, trial
-from tests.helpers import HARD_DIGIT, run_env, set_params, sh
+from tests.helpers import HARD_DIGIT, init_repo, run_env, set_params, sh
 
 
 def test_trial_records_the_base_and_the_adapter_at_every_inference_scale_on_validation_and_test(project):
@@ -372,6 +372,17 @@ def test_each_experiment_group_is_one_stage_running_its_whole_grid_in_dvcs_dry_r
     assert "'experiments/dvc.yaml:report'" in output
     # The root pipeline alone is what a plain `dvc repro` runs.
     assert "experiments/dvc.yaml" not in sh(git_repo, "dvc", "repro", "--dry")
+
+
+@pytest.mark.slow
+def test_the_experiments_flows_report_in_a_clone_without_models_builds_from_the_committed_results(repo_copy):
+    from flows.experiments import REPORT
+
+    repo = init_repo(repo_copy)  # no DVC cache: neither the main pipeline's data and models nor any group's
+    target, options = REPORT
+    assert "Running stage" in sh(repo, "dvc", "repro", "--dry", target)  # plain repro would re-run what is missing
+    output = sh(repo, "dvc", "repro", "--dry", *options, target)
+    assert "Running stage" not in output and "Stage 'experiments/dvc.yaml:report' didn't change" in output
 
 
 @pytest.mark.slow
