@@ -87,6 +87,13 @@ def check_names(names: list[Any]) -> list[str]:
         if not isinstance(name, str) or not EXPERIMENT_NAME.fullmatch(name) or name.endswith((".lock", ".")) or ".." in name:
             raise ValueError(f"experiment name {name!r} is invalid: up to 100 letters, digits, '_', '.' and '-', "
                              "starting with a letter or digit, are allowed")
+    for name in names:  # `dvc exp apply NAME` takes a git revision of that name before an experiment
+        try:
+            git("rev-parse", "--verify", "--quiet", f"{name}^{{commit}}")
+        except CommandFailed:
+            continue
+        raise ValueError(f"experiment name {name!r} is a git revision here (a branch, tag or commit), which "
+                         f"`dvc exp apply {name}` would take instead: choose another")
     existing = set(dvc("exp", "list", "--name-only").split())
     if taken := [name for name in names if name in existing]:
         raise ValueError(f"experiment name {taken[0]!r} is taken by an experiment of HEAD: choose another, or "
@@ -101,12 +108,17 @@ class CommandLine(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n")
 
 
-def require_prefect_api() -> None:
-    """A configured Prefect server must answer before a flow starts: one line, not Prefect's 100-line traceback."""
+def prefect_api_url() -> str | None:
+    """The configured Prefect server's URL, or None: a flow then starts a temporary server of its own."""
     from prefect.settings import get_current_settings
 
-    if not (url := os.environ.get("PREFECT_API_URL") or get_current_settings().api.url):
-        return  # Prefect starts a temporary server
+    return os.environ.get("PREFECT_API_URL") or get_current_settings().api.url
+
+
+def require_prefect_api() -> None:
+    """A configured Prefect server must answer before a flow starts: one line, not Prefect's 100-line traceback."""
+    if not (url := prefect_api_url()):
+        return
     try:
         urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=10).close()
     except (OSError, ValueError) as exc:

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from prefect import flow
 
-from flows.dvc import CommandFailed, check_names, dag, dvc, experiment_metrics, git, set_params
+from flows.dvc import CommandFailed, check_names, dag, dvc, experiment_metrics, git, prefect_api_url, set_params
 from lora_mnist.params import load_raw, with_overrides
 
 TRAIN_DEPLOYMENT = "lora-mnist-train/gpu"
@@ -39,6 +39,8 @@ def gpu_pool_unavailable() -> str | None:
             command()
         except CommandFailed:
             return why
+    if not prefect_api_url():  # a temporary server holds no deployment
+        return f"no Prefect server (PREFECT_API_URL) to hold the deployment {TRAIN_DEPLOYMENT}"
     try:
         with get_client(sync_client=True) as client:
             client.read_deployment_by_name(TRAIN_DEPLOYMENT)

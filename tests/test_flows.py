@@ -39,6 +39,10 @@ REFUSALS = {  # command-line arguments: the one line each prints
                                                 "'learning_rates', 'compose', 'sweep'] (the stages of "
                                                 "experiments/dvc.yaml) are allowed",
     ("flows.experiments", "--bogus"): "error: unrecognized arguments: --bogus",
+    ("flows.pipeline", "-S", "lora.rank=4", "--name", "HEAD"): "error: experiment name 'HEAD' is a git revision here (a "
+                                                              "branch, tag or commit), which `dvc exp apply HEAD` "
+                                                              "would take instead: choose another",
+    ("flows.pipeline", "--training", "gpu-pool"): "error: training='gpu-pool' is not possible: no default DVC remote",
 }
 
 

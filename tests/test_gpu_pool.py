@@ -91,7 +91,8 @@ def test_the_pipeline_flow_runs_on_the_gpu_pool_through_git_and_an_ssh_dvc_remot
     # Without a deployment (and without a DVC remote) training stays in this process, or is refused.
     refused = subprocess.run([sys.executable, "-m", "flows.pipeline", "--training", "gpu-pool"], cwd=checkout, env=env,
                              capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and "training='gpu-pool' is not possible: no default DVC remote" in refused.stderr
+    assert refused.returncode == 2 and refused.stderr.splitlines() == ["error: training='gpu-pool' is not possible: no "
+                                                                       "default DVC remote"], refused.stderr
     sh(checkout, "dvc", "repro", env=env)  # this checkout's run, in the shared cache the gpu worker uses too
     sh(checkout, "dvc", "remote", "add", "--local", "-d", "shared", remote, env=env)
     sh(checkout, "dvc", "push", env=env)
