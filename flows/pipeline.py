@@ -53,15 +53,21 @@ def check_run(overrides: dict[str, Any] | None, training: Any, experiment_name: 
     return check_names([experiment_name or f"prefect-{uuid.uuid4().hex[:8]}"])[0]
 
 
+def why_training_stays_here(training: str) -> str | None:
+    """Why training runs in this process, or None when it goes to the gpu pool; refuses 'gpu-pool' that cannot."""
+    unavailable = gpu_pool_unavailable() if training != "local" else "training='local'"
+    if training == "gpu-pool" and unavailable:
+        raise ValueError(f"training='gpu-pool' is not possible: {unavailable}")
+    return unavailable
+
+
 @flow(name="lora-mnist-pipeline", log_prints=True)
 def pipeline(overrides: dict[str, Any] | None = None, training: str = "auto",
              experiment_name: str | None = None) -> dict[str, Any]:
     """dvc.yaml's stages, or with ``overrides`` ({"lora.rank": 4}, as `dvc exp run -S`) one DVC experiment; training
     is "auto" (the gpu pool when it is deployed and a DVC remote is set), "local" or "gpu-pool"."""
     name = check_run(overrides, training, experiment_name)
-    unavailable = gpu_pool_unavailable() if training != "local" else "training='local'"
-    if training == "gpu-pool" and unavailable:
-        raise ValueError(f"training='gpu-pool' is not possible: {unavailable}")
+    unavailable = why_training_stays_here(training)
     stages = stage_order()
     if not unavailable:
         name = name or f"prefect-{uuid.uuid4().hex[:8]}"
@@ -107,8 +113,8 @@ def main() -> None:
         overrides = parse_overrides(args.overrides)
         name = check_run(overrides, args.training, args.name)  # refused before a temporary Prefect server starts
         require_prefect_api()
-        if args.training == "gpu-pool" and (unavailable := gpu_pool_unavailable()):
-            raise ValueError(f"training='gpu-pool' is not possible: {unavailable}")
+        if args.training == "gpu-pool":
+            why_training_stays_here(args.training)  # refused before a temporary Prefect server starts
         result = pipeline(overrides=overrides, training=args.training, experiment_name=name)
     for run in result["stages"]:
         print(f"{run['stage']}: {run['ran']}")
